@@ -1,0 +1,191 @@
+"""Pure-PyTorch reference implementations of the PQ ops: the single source of truth.
+
+Every backend (C++ extension, CUDA, Triton) is tested against these functions, and these functions are
+tested against float64 brute force on tiny shapes. They take already-validated, contiguous inputs (the
+public wrappers in :mod:`equss.ops` validate) and always accumulate in float32.
+
+Shapes (glossary in DESIGN.md): ``x: [N, M, Ds]``, ``codebooks: [M, K, Ds]``, ``codes: [N, M]``.
+
+Conventions shared by every backend:
+
+* ``codes`` are ``int32`` (half the bytes of int64; every op accepts int32 or int64 codes).
+* ``metric="l2"``: ``d(x, c) = ||x - c||²``, minimised through ``||c||² - 2 x·c`` (``||x||²`` does not
+  change the argmin and is added afterwards). ``min_dist`` is clamped at 0, because the expanded form
+  can round slightly below zero.
+* ``metric="dot"``: ``d(x, c) = -x·c`` (maximum inner product; equals l2 for unit-norm rows and
+  codewords up to the constant 2).
+* Ties break to the lowest codeword index, like ``torch.argmin``.
+* Rows whose sub-vector holds NaN or inf get a code in ``[0, K)`` (never out of range) and a
+  non-finite ``min_dist``; other rows are unaffected.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "METRICS",
+    "assign_chunk_rows",
+    "pq_assign_ref",
+    "pq_gather_ref",
+    "pq_gather_backward_ref",
+    "pq_cluster_stats_ref",
+    "pq_ema_apply_ref_",
+    "pq_ema_update_ref_",
+]
+
+METRICS = ("l2", "dot")
+
+# The reference never holds more than this many distances at once (64 MiB of fp32), so N = 10^6 with
+# M·K = 32·256 runs in ~3k-row chunks instead of allocating the full N×M×K tensor (33 GB).
+_MAX_DISTANCES_PER_CHUNK = 1 << 24
+
+
+def assign_chunk_rows(M: int, K: int) -> int:
+    """Rows per chunk used by :func:`pq_assign_ref` so a chunk holds at most 2^24 distances."""
+    return max(1, _MAX_DISTANCES_PER_CHUNK // max(1, M * K))
+
+
+def pq_assign_ref(x: Tensor, codebooks: Tensor, metric: str = "l2") -> tuple[Tensor, Tensor]:
+    """Nearest codeword per row and subspace.
+
+    Args:
+        x: ``[N, M, Ds]`` float tensor.
+        codebooks: ``[M, K, Ds]`` float tensor.
+        metric: ``"l2"`` (squared euclidean) or ``"dot"`` (negative inner product).
+
+    Returns:
+        ``codes [N, M]`` int32 and ``min_dist [N, M]`` float32 (see the module docstring).
+    """
+    N, M, _ = x.shape
+    K = codebooks.shape[1]
+    cb = codebooks.float()
+    codes = torch.empty(N, M, dtype=torch.int32, device=x.device)
+    min_dist = torch.empty(N, M, dtype=torch.float32, device=x.device)
+    c_sq = (cb * cb).sum(-1).unsqueeze(1) if metric == "l2" else None  # [M, 1, K]
+    step = assign_chunk_rows(M, K)
+    for start in range(0, N, step):
+        xc = x[start : start + step].float().transpose(0, 1)  # [M, n, Ds]
+        dots = torch.bmm(xc, cb.transpose(1, 2))  # [M, n, K]
+        if metric == "l2":
+            dist = c_sq - 2.0 * dots
+            best, idx = dist.min(dim=-1)  # first minimum wins, like torch.argmin
+            best = (best + (xc * xc).sum(-1)).clamp_min(0.0)
+        else:
+            best, idx = (-dots).min(dim=-1)
+        codes[start : start + step] = idx.t().to(torch.int32)
+        min_dist[start : start + step] = best.t()
+    return codes, min_dist
+
+
+def _flat_index(codes: Tensor, K: int) -> Tensor:
+    """``[N, M]`` codes → ``[N·M]`` row index into a ``[M·K, ...]`` table (subspace-major)."""
+    M = codes.shape[1]
+    offsets = torch.arange(M, device=codes.device, dtype=torch.int64) * K
+    return (codes.long() + offsets).reshape(-1)
+
+
+def pq_gather_ref(codes: Tensor, codebooks: Tensor) -> Tensor:
+    """Quantized vectors ``out[n, m] = codebooks[m, codes[n, m]]``.
+
+    Args:
+        codes: ``[N, M]`` int32/int64 in ``[0, K)``.
+        codebooks: ``[M, K, Ds]``.
+
+    Returns:
+        ``[N, M, Ds]`` in the dtype of ``codebooks`` (a pure copy, bit-exact).
+    """
+    M, K, Ds = codebooks.shape
+    N = codes.shape[0]
+    return codebooks.reshape(M * K, Ds).index_select(0, _flat_index(codes, K)).reshape(N, M, Ds)
+
+
+def pq_gather_backward_ref(grad_out: Tensor, codes: Tensor, K: int) -> Tensor:
+    """Gradient of :func:`pq_gather_ref` w.r.t. the codebooks: scatter-add of ``grad_out`` by code.
+
+    Args:
+        grad_out: ``[N, M, Ds]``.
+        codes: ``[N, M]``.
+        K: number of codewords.
+
+    Returns:
+        ``[M, K, Ds]`` float32 (accumulated in fp32; the caller casts to the codebook dtype).
+    """
+    N, M, Ds = grad_out.shape
+    grad = torch.zeros(M * K, Ds, dtype=torch.float32, device=grad_out.device)
+    grad.index_add_(0, _flat_index(codes, K), grad_out.reshape(N * M, Ds).float())
+    return grad.reshape(M, K, Ds)
+
+
+def pq_cluster_stats_ref(x: Tensor, codes: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    """Per-codeword counts and sums of the rows assigned to it (one step of EMA statistics).
+
+    Args:
+        x: ``[N, M, Ds]``.
+        codes: ``[N, M]``.
+        K: number of codewords.
+
+    Returns:
+        ``counts [M, K]`` float32 and ``sums [M, K, Ds]`` float32.
+    """
+    N, M, Ds = x.shape
+    flat = _flat_index(codes, K)
+    counts = torch.bincount(flat, minlength=M * K).to(torch.float32).reshape(M, K)
+    sums = torch.zeros(M * K, Ds, dtype=torch.float32, device=x.device)
+    sums.index_add_(0, flat, x.reshape(N * M, Ds).float())
+    return counts, sums.reshape(M, K, Ds)
+
+
+def pq_ema_apply_ref_(
+    counts: Tensor,
+    sums: Tensor,
+    cluster_size: Tensor,
+    embed_sum: Tensor,
+    codebooks: Tensor,
+    decay: float,
+    eps: float,
+) -> None:
+    """EMA of the statistics, Laplace smoothing, codebook renormalisation — all in place.
+
+    Per subspace m (vector-quantize-pytorch's ``EuclideanCodebook`` / the EQUSS ``ema`` quantizer)::
+
+        cluster_size ← decay·cluster_size + (1 − decay)·counts          [M, K]   (stays unsmoothed)
+        embed_sum    ← decay·embed_sum    + (1 − decay)·sums            [M, K, Ds]
+        n_tot        = Σ_k cluster_size[m, k]
+        smoothed_k   = (cluster_size_k + eps) / (n_tot + K·eps) · n_tot
+        codebooks    ← embed_sum / smoothed[..., None]
+
+    A subspace whose ``n_tot`` is 0 (nothing ever assigned) keeps its codebook: 0/0 would be NaN.
+
+    Args:
+        counts: ``[M, K]`` float32, this step's counts (already all-reduced when distributed).
+        sums: ``[M, K, Ds]`` float32, this step's sums.
+        cluster_size: ``[M, K]`` float32 buffer, updated in place.
+        embed_sum: ``[M, K, Ds]`` float32 buffer, updated in place.
+        codebooks: ``[M, K, Ds]`` buffer of any float dtype, overwritten in place.
+        decay: EMA decay in ``[0, 1]``.
+        eps: Laplace smoothing constant (> 0).
+    """
+    K = cluster_size.shape[1]
+    cluster_size.mul_(decay).add_(counts, alpha=1.0 - decay)
+    embed_sum.mul_(decay).add_(sums, alpha=1.0 - decay)
+    n_tot = cluster_size.sum(dim=1, keepdim=True)  # [M, 1]
+    smoothed = (cluster_size + eps) / (n_tot + K * eps) * n_tot  # [M, K]
+    new = embed_sum / smoothed.unsqueeze(-1)
+    codebooks.copy_(torch.where((n_tot > 0).unsqueeze(-1), new, codebooks.float()))
+
+
+def pq_ema_update_ref_(
+    x: Tensor,
+    codes: Tensor,
+    cluster_size: Tensor,
+    embed_sum: Tensor,
+    codebooks: Tensor,
+    decay: float,
+    eps: float,
+) -> Tensor:
+    """:func:`pq_cluster_stats_ref` followed by :func:`pq_ema_apply_ref_`; returns this step's counts ``[M, K]``."""
+    counts, sums = pq_cluster_stats_ref(x, codes, codebooks.shape[1])
+    pq_ema_apply_ref_(counts, sums, cluster_size, embed_sum, codebooks, decay, eps)
+    return counts
