@@ -1,0 +1,137 @@
+"""The trainable part of EQUSS: feature dropout → expansion head → product quantizer, plus the probes.
+
+The frozen backbone lives outside this module (:func:`equss.models.backbone.build_backbone`), so the
+model can train on cached backbone features (EQUSS_SPEC §1):
+
+    f [B, C, h, w] ─ Dropout2d (train only) ─ ExpansionHead ─ z [B, D, h, w] ─ ProductQuantizer ─ q [B, D, h, w]
+                                                                          q.detach() → cluster probe, linear probe
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from equss.evaluate import ClusterProbe, LinearProbe, upsample_to
+from equss.losses import StegoCorrespondenceLoss
+from equss.nn import ExpansionHead, ProductQuantizer
+from equss.nn.quantizer import PQStats
+
+__all__ = ["EQUSSModel", "EQUSSOutput", "TrainOutput"]
+
+
+class EQUSSOutput(NamedTuple):
+    z: Tensor  # [B, D, h, w] continuous expanded code
+    q: Tensor  # [B, D, h, w] quantized code (straight-through)
+    codes: Tensor  # [B, M, h, w] PQ codes
+    pq_loss: Tensor  # scalar
+    pq_stats: PQStats
+
+
+class TrainOutput(NamedTuple):
+    loss: Tensor  # the total that is back-propagated
+    terms: dict  # every scalar term, detached (for logging)
+
+
+class EQUSSModel(nn.Module):
+    """Expansion + product-quantization head with its cluster and linear probes.
+
+    Args:
+        in_dim: backbone channels C (384 for ViT-S, 768 for ViT-B).
+        n_classes: classes of the dataset (probe outputs).
+        dim: D, the expanded dimension (1024 in the paper).
+        num_subspaces: M. codebook_size: K.
+        dropout: Dropout2d probability on the backbone feature map during training.
+        extra_clusters: cluster-probe centroids beyond ``n_classes``.
+        **pq_kwargs: passed to :class:`equss.nn.ProductQuantizer` (learning, normalize, beta, init, ...).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        dim: int = 1024,
+        num_subspaces: int = 32,
+        codebook_size: int = 256,
+        dropout: float = 0.1,
+        extra_clusters: int = 0,
+        **pq_kwargs,
+    ) -> None:
+        super().__init__()
+        self.n_classes = n_classes
+        # The dropped-out features feed both the head and the STEGO loss, so the model applies the head's
+        # dropout itself and then calls head.project (EQUSS_SPEC §1).
+        self.head = ExpansionHead(in_dim, dim, dropout=dropout)
+        self.quantizer = ProductQuantizer(dim, num_subspaces, codebook_size, channel_dim=1, **pq_kwargs)
+        self.cluster_probe = ClusterProbe(dim, n_classes, extra_clusters=extra_clusters)
+        self.linear_probe = LinearProbe(dim, n_classes)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by the main optimiser (and clipped): expansion head + codebooks."""
+        return [
+            p for p in list(self.head.parameters()) + list(self.quantizer.parameters()) if p.requires_grad
+        ]
+
+    def encode(self, f: Tensor) -> EQUSSOutput:
+        """``f [B, C, h, w]`` (already dropped out if training) → z, q, codes, PQ loss and statistics."""
+        z = self.head.project(f)
+        out = self.quantizer(z)
+        return EQUSSOutput(z, out.quantized, out.codes, out.loss, out.stats)
+
+    def forward(
+        self,
+        f: Tensor,
+        f_pos: Tensor,
+        label: Tensor,
+        stego: StegoCorrespondenceLoss,
+        stego_weight: float = 1.0,
+        pq_weight: float = 1.0,
+    ) -> TrainOutput:
+        """One training forward: losses of EQUSS_SPEC §1 (stego + PQ + both probes).
+
+        Args:
+            f, f_pos: backbone features of the anchors and their kNN positives ``[B, C, h, w]``.
+            label: anchor labels ``[B, H, W]`` int64, -1 = ignore (used by the linear probe only).
+        """
+        fd, fd_pos = self.head.dropout(f), self.head.dropout(f_pos)
+        out = self.encode(fd)
+        z_pos = self.head.project(fd_pos)  # the positive view is not quantized (EQUSS_SPEC §1)
+        stego_loss, stego_terms = stego(fd, fd_pos, out.z, z_pos)
+
+        q = out.q.detach().float()
+        cluster_loss = self.cluster_probe.loss(q)
+        logits = upsample_to(self.linear_probe(q), label.shape[-2:])
+        linear_loss = self.linear_probe.loss(logits, label)
+
+        loss = stego_weight * stego_loss + pq_weight * out.pq_loss + cluster_loss + linear_loss
+        terms = {
+            "loss": loss.detach(),
+            "stego": stego_loss.detach(),
+            "pq": out.pq_loss.detach(),
+            "cluster_probe": cluster_loss.detach(),
+            "linear_probe": linear_loss.detach(),
+            **{f"stego_{k}": v.detach() for k, v in stego_terms.items()},
+        }
+        terms["pq_usage"] = out.pq_stats.usage.detach().float()
+        terms["pq_perplexity"] = out.pq_stats.perplexity.detach().float().mean()
+        return TrainOutput(loss, terms)
+
+    @torch.no_grad()
+    def predict(
+        self, f: Tensor, size: tuple[int, int], flip_f: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Probe log-probabilities at ``size``: ``(cluster [B, n_clusters, H, W], linear [B, n_classes, H, W])``.
+
+        ``flip_f`` (features of the horizontally flipped images) averages the code of an image and of its
+        flip, as STEGO does (EQUSS_SPEC §9; off by default in EQUSS).
+        """
+        q = self.encode(f).q.float()
+        if flip_f is not None:
+            q = (q + self.encode(flip_f).q.float().flip(-1)) / 2
+        q = upsample_to(q, size)
+        cluster = self.cluster_probe.log_probs(q)
+        linear = F.log_softmax(self.linear_probe(q), dim=1)
+        return cluster, linear

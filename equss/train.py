@@ -1,0 +1,707 @@
+"""EQUSS training engine: data, frozen backbone (or its feature cache), kNN pairs, the training loop,
+periodic validation, atomic checkpoints with exact resume, DDP, logging, and the final evaluation.
+
+``scripts/train.py`` is the command-line front end; :func:`run` is the programmatic one::
+
+    from equss.config import load_config
+    from equss.train import run
+    result = run(load_config("configs/synthetic.yaml", ["optim.epochs=1"]))
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import signal
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from equss.checkpoint import (
+    FORMAT_VERSION,
+    atomic_torch_save,
+    capture_rng_state,
+    check_compatible,
+    load_checkpoint,
+    restore_rng_state,
+)
+from equss.config import config_to_dict
+from equss.losses import STEGO_PRESETS, StegoCorrespondenceLoss
+
+__all__ = ["Trainer", "run", "evaluate_model"]
+
+
+# ------------------------------------------------------------------------------------------ distributed
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> DistInfo:
+    """Initialise the process group when launched by ``torchrun`` (WORLD_SIZE > 1); no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(spec: str, info: DistInfo) -> torch.device:
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device={spec!r} requested but CUDA is not available (use device=cpu)")
+        if device.index is None:
+            device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------ data
+class ResumableSampler(torch.utils.data.Sampler[int]):
+    """Seeded per-epoch shuffling, sharded over ranks, able to start mid-epoch (exact resume).
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, so a resumed run skips exactly the batches
+    that were already trained on. With ``world_size`` ranks, rank r takes every world_size-th index of
+    the shuffled order (the tail that does not fill a global batch is dropped, as ``drop_last``).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} must be divisible by the number of processes {world_size}")
+        self.n, self.global_batch, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.local_batch = batch_size // world_size
+        self.epoch, self.start_batch = 0, 0
+
+    def batches_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)[: self.batches_per_epoch() * self.global_batch]
+        mine = order[self.rank :: self.world_size]
+        return iter(mine[self.start_batch * self.local_batch :].tolist())
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch() - self.start_batch) * self.local_batch
+
+
+class PositivePairs(torch.utils.data.Dataset):
+    """Anchor i and its kNN positive ``nns[i][r]``, ``r`` uniform in ``1..num_neighbors``.
+
+    ``r`` depends only on ``(seed, epoch, i)``, not on worker scheduling, so runs and resumes are exact.
+    Items: ``{"feat" | "img": anchor, "feat_pos" | "img_pos": positive, "label": anchor label, "index": i}``.
+    """
+
+    def __init__(self, base: torch.utils.data.Dataset, nns: np.ndarray, num_neighbors: int, seed: int, key: str):
+        if len(nns) != len(base):
+            raise ValueError(f"kNN table has {len(nns)} rows but the dataset has {len(base)} images")
+        if not 1 <= num_neighbors < nns.shape[1]:
+            raise ValueError(f"num_neighbors must be in [1, {nns.shape[1] - 1}], got {num_neighbors}")
+        self.base, self.nns, self.num_neighbors, self.seed, self.key = base, nns, num_neighbors, seed, key
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        j = int(self.nns[i, rng.integers(1, self.num_neighbors + 1)])
+        anchor, pos = self.base[i], self.base[j]
+        return {self.key: anchor[self.key], self.key + "_pos": pos[self.key], "label": anchor["label"], "index": i}
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    featurize,
+    n_classes: int,
+    device: torch.device,
+    n_clusters: int | None = None,
+    crf: bool = False,
+    crf_processes: int = 2,
+    flip: bool = False,
+    progress: bool = True,
+    desc: str = "eval",
+    keep: bool = False,
+) -> dict[str, Any]:
+    """Cluster- and linear-probe metrics over a whole evaluation set (EQUSS_SPEC §9).
+
+    ``featurize(batch, flip=False)`` returns the backbone features of a batch. With ``crf`` the probe
+    log-probabilities are refined by DenseCRF per image (needs the ``img`` of every item). ``keep`` also
+    returns the per-pixel predictions (for pictures).
+    """
+    from equss.evaluate import ConfusionMatrix, CRFPool, batched_crf
+
+    model.eval()
+    cm_cluster = ConfusionMatrix(n_classes, n_clusters=n_clusters or n_classes)
+    cm_linear = ConfusionMatrix(n_classes)
+    kept: dict[str, list] = {"cluster": [], "linear": [], "label": [], "index": []}
+    crf_failed = 0
+    with CRFPool(crf_processes) if crf else nullcontext() as pool:
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            label = batch["label"].to(device)
+            f = featurize(batch).to(device)
+            flip_f = featurize(batch, flip=True).to(device) if flip else None
+            cluster_lp, linear_lp = model.predict(f, tuple(label.shape[-2:]), flip_f=flip_f)
+            if crf:
+                crf_c = batched_crf(batch["img"], cluster_lp.cpu(), pool=pool)
+                crf_l = batched_crf(batch["img"], linear_lp.cpu(), pool=pool)
+                crf_failed += len(crf_c.failed) + len(crf_l.failed)
+                cluster_pred, linear_pred = crf_c.probs.argmax(1).to(device), crf_l.probs.argmax(1).to(device)
+            else:
+                cluster_pred, linear_pred = cluster_lp.argmax(1), linear_lp.argmax(1)
+            cm_cluster.update(cluster_pred, label)
+            cm_linear.update(linear_pred, label)
+            if keep:
+                kept["cluster"].append(cluster_pred.cpu())
+                kept["linear"].append(linear_pred.cpu())
+                kept["label"].append(label.cpu())
+                kept["index"].append(torch.as_tensor(batch["index"]))
+    result: dict[str, Any] = {"cluster": cm_cluster.compute("hungarian"), "linear": cm_linear.compute("identity")}
+    if crf:
+        result["crf_failed"] = crf_failed
+    if keep:
+        result["predictions"] = {k: torch.cat([torch.as_tensor(t) for t in v]) for k, v in kept.items()}
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Everything one EQUSS run needs; see the module docstring. ``Trainer(cfg).fit()``."""
+
+    def __init__(self, cfg: DictConfig, resume: str | None = None) -> None:
+        from equss.models.equss_model import EQUSSModel
+
+        self.cfg = cfg
+        self.cfg_dict = config_to_dict(cfg)
+        self.dist = init_distributed("cuda" if str(cfg.device).startswith("cuda") or (
+            cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+        self.device = resolve_device(str(cfg.device), self.dist)
+        self.out_dir = str(cfg.output_dir)
+        self.progress = bool(cfg.log.progress) and self.dist.is_main
+        seed_everything(int(cfg.seed))
+        if self.dist.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+
+        self._build_data()
+        m = cfg.model
+        self.model = EQUSSModel(
+            in_dim=self.backbone.embed_dim,
+            n_classes=self.n_classes,
+            dim=int(m.dim),
+            num_subspaces=int(m.num_subspaces),
+            codebook_size=int(m.codebook_size),
+            dropout=float(m.dropout),
+            extra_clusters=int(m.extra_clusters),
+            learning=str(m.vq_type),
+            normalize=str(m.normalize),
+            beta=float(m.beta),
+            codebook_weight=float(m.book_weight),
+            init=str(m.init),
+            output=str(m.output),
+            decay=float(m.ema_decay),
+            eps=float(m.ema_eps),
+            dead_code_steps=int(m.dead_code_steps),
+        ).to(self.device)
+        self.ddp_model: nn.Module = self.model
+        if self.dist.enabled:
+            # Buffers are synchronised by the quantizer itself (all-reduced statistics), not broadcast.
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+        preset = STEGO_PRESETS[str(cfg.loss.preset)]
+        loss_cfg = cfg.loss
+        self.stego = StegoCorrespondenceLoss(
+            preset,
+            feature_samples=int(loss_cfg.feature_samples),
+            neg_samples=int(loss_cfg.neg_samples),
+            zero_clamp=bool(loss_cfg.zero_clamp),
+            pointwise=bool(loss_cfg.pointwise),
+            stabilize=bool(loss_cfg.stabilize),
+        )
+        o = cfg.optim
+        self.optimizers = {
+            "head": torch.optim.Adam(self.model.head_parameters(), lr=float(o.lr)),
+            "cluster_probe": torch.optim.Adam(self.model.cluster_probe.parameters(), lr=float(o.probe_lr)),
+            "linear_probe": torch.optim.Adam(self.model.linear_probe.parameters(), lr=float(o.probe_lr)),
+        }
+        self.amp_dtype = self._amp_dtype(str(o.amp))
+        # One scaler for all three optimisers (fp16 only): unscale every optimiser before clipping, step
+        # each, then update once per step (the authors' code updates once per optimiser; EQUSS_SPEC §7).
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+        self.steps_per_epoch = self.sampler.batches_per_epoch()
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training set has {len(self.train_pairs)} images, fewer than one batch of {cfg.data.batch_size}"
+            )
+        total = int(o.epochs) * self.steps_per_epoch
+        self.total_steps = min(total, int(o.max_steps)) if o.max_steps else total
+        self.step = 0
+        self.best: dict[str, Any] = {"metric": -math.inf, "step": -1}
+        self.history: list[dict[str, Any]] = []
+        self._writers_opened = False
+        if resume:
+            self.load(resume)
+
+    # ------------------------------------------------------------------------------------------ building
+    def _amp_dtype(self, amp: str) -> torch.dtype | None:
+        if amp == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else None
+        table = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+        if amp not in table:
+            raise ValueError(f"optim.amp must be auto, bf16, fp16 or off, got {amp!r}")
+        return table[amp]
+
+    def _build_data(self) -> None:
+        from equss.data import build_dataset
+        from equss.data.knn import load_or_compute_knn
+        from equss.models.backbone import build_backbone
+        from equss.models.feature_cache import FeatureCache
+
+        cfg, d = self.cfg, self.cfg.data
+        weights = cfg.backbone.weights
+        weights = None if weights in (None, "none", "None") else str(weights)
+        self.backbone = build_backbone(str(cfg.backbone.name), weights=weights, device=self.device)
+        kwargs = dataset_kwargs(cfg)
+        self.train_images = build_dataset(str(d.dataset), split=str(d.train_split), res=int(d.train_res), **kwargs)
+        self.val_images = build_dataset(str(d.dataset), split=str(d.val_split), res=int(d.val_res), **kwargs)
+        self.n_classes = int(self.train_images.num_classes)
+        self.class_names = list(getattr(self.train_images, "class_names", [str(i) for i in range(self.n_classes)]))
+        self.cache_dir = feature_cache_dir(cfg)
+
+        if bool(cfg.backbone.cache_features):
+            # Rank 0 computes and writes the caches; the other ranks wait, then read them.
+            if self.dist.is_main:
+                self._feature_caches(FeatureCache)
+            if self.dist.enabled:
+                dist.barrier()
+            train_feats, val_feats = self._feature_caches(FeatureCache)
+            self.train_base, self.key = train_feats, "feat"
+            self.val_base = val_feats
+        else:
+            self.train_base, self.key = self.train_images, "img"
+            self.val_base = self.val_images
+
+        knn_path = None
+        if self.dist.is_main:
+            nns, knn_path = load_or_compute_knn(
+                self.backbone, self.train_images, dataset_id(cfg, str(d.train_split)), self.cache_dir,
+                k=int(d.knn_k), device=self.device, progress=self.progress,
+            )
+        if self.dist.enabled:
+            dist.barrier()
+        if not self.dist.is_main:
+            nns, knn_path = load_or_compute_knn(
+                self.backbone, self.train_images, dataset_id(cfg, str(d.train_split)), self.cache_dir,
+                k=int(d.knn_k), device=self.device, progress=False,
+            )
+        self.knn_path = knn_path
+        self.train_pairs = PositivePairs(self.train_base, nns, int(d.num_neighbors), int(cfg.seed), self.key)
+        self.sampler = ResumableSampler(
+            len(self.train_pairs), int(d.batch_size), int(cfg.seed), self.dist.rank, self.dist.world_size
+        )
+        self.train_loader = torch.utils.data.DataLoader(
+            self.train_pairs,
+            batch_size=self.sampler.local_batch,
+            sampler=self.sampler,
+            num_workers=int(d.num_workers),
+            drop_last=True,
+            persistent_workers=False,
+        )
+        self.val_loader = torch.utils.data.DataLoader(
+            self.val_base, batch_size=int(d.val_batch_size), shuffle=False, num_workers=int(d.num_workers)
+        )
+
+    def _feature_caches(self, FeatureCache):
+        cfg, d = self.cfg, self.cfg.data
+        caches = []
+        for split, images in ((str(d.train_split), self.train_images), (str(d.val_split), self.val_images)):
+            cache = FeatureCache(
+                self.backbone, images, self.cache_dir, dataset_name=dataset_id(cfg, split), device=self.device,
+                progress=self.progress,
+            )
+            caches.append(cache.dataset(with_image=split == str(d.val_split)))
+        return caches
+
+    def featurize(self, batch: dict[str, Any], flip: bool = False, key: str = "feat") -> Tensor:
+        """Backbone features of a batch: from the cache when present, else by running the backbone."""
+        if flip:
+            return self.backbone(batch["img"].flip(-1).to(self.device))
+        if key in batch:
+            return batch[key].to(self.device, non_blocking=True).float()
+        return self.backbone(batch[key.replace("feat", "img")].to(self.device, non_blocking=True))
+
+    # ---------------------------------------------------------------------------------------- training
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        self.model.train()
+        f = self.featurize(batch, key="feat" if self.key == "feat" else "img")
+        f_pos = self.featurize(batch, key="feat_pos" if self.key == "feat" else "img_pos")
+        label = batch["label"].to(self.device, non_blocking=True)
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
+        )
+        with autocast:
+            out = self.ddp_model(
+                f, f_pos, label, self.stego,
+                stego_weight=float(self.cfg.loss.stego_weight), pq_weight=float(self.cfg.loss.pq_weight),
+            )
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        self.scaler.scale(out.loss).backward()
+        for opt in self.optimizers.values():
+            self.scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.head_parameters(), float(self.cfg.optim.grad_clip))
+        for opt in self.optimizers.values():
+            self.scaler.step(opt)
+        self.scaler.update()
+        terms = {k: float(v) for k, v in out.terms.items()}
+        terms["grad_norm"] = float(grad_norm)
+        if not math.isfinite(terms["loss"]):
+            raise FloatingPointError(f"non-finite loss at step {self.step}: {terms}")
+        return terms
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``total_steps`` with validation/checkpoints every ``eval.every`` steps; return the final result."""
+        cfg = self.cfg
+        every = int(cfg.eval.every)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
+        interrupted = {"flag": False}
+
+        def on_sigterm(signum, frame):  # torchrun / schedulers send SIGTERM: finish the step, checkpoint, exit
+            interrupted["flag"] = True
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm) if _in_main_thread() else None
+        t0, steps0 = time.time(), self.step
+        try:
+            while self.step < self.total_steps and not interrupted["flag"]:
+                epoch, start = divmod(self.step, self.steps_per_epoch)
+                self.sampler.set_epoch(epoch, start)
+                self.train_pairs.epoch = epoch
+                for batch in self.train_loader:
+                    terms = self.train_step(batch)
+                    self.step += 1
+                    bar.update(1)
+                    rate = (self.step - steps0) / max(time.time() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{terms['loss']:.4f}", usage=f"{terms.get('pq_usage', float('nan')):.2f}", it_s=f"{rate:.2f}")
+                    self._log({"step": self.step, "epoch": epoch, **terms}, "train")
+                    if self.step % every == 0 or self.step == self.total_steps:
+                        self.validate_and_checkpoint()
+                    if self.step >= self.total_steps or interrupted["flag"]:
+                        break
+        except KeyboardInterrupt:
+            bar.close()
+            if self.dist.is_main:
+                print(f"\ninterrupted at step {self.step}; the last checkpoint in {self.out_dir} is intact "
+                      f"(resume with --resume {os.path.join(self.out_dir, 'last.ckpt')})")
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            bar.close()
+        if interrupted["flag"]:
+            self.save(os.path.join(self.out_dir, "last.ckpt"))
+            raise SystemExit(f"terminated at step {self.step}; checkpoint saved to {self.out_dir}/last.ckpt")
+        return self.final_evaluation()
+
+    # -------------------------------------------------------------------------------------- validation
+    def validate(self, crf: bool = False, keep: bool = False, desc: str = "val") -> dict[str, Any]:
+        n_clusters = self.n_classes + int(self.cfg.model.extra_clusters)
+        return evaluate_model(
+            self.model, self.val_loader, lambda b, flip=False: self.featurize(b, flip=flip, key=self._val_key()),
+            self.n_classes, self.device, n_clusters=n_clusters, crf=crf,
+            crf_processes=int(self.cfg.eval.crf_processes), flip=bool(self.cfg.eval.flip),
+            progress=self.progress, desc=desc, keep=keep,
+        )
+
+    def _val_key(self) -> str:
+        return "feat" if self.key == "feat" else "img"
+
+    def validate_and_checkpoint(self) -> None:
+        """Rank 0 evaluates the whole validation set, keeps ``best.ckpt`` by cluster mIoU, always ``last.ckpt``."""
+        if self.dist.is_main:
+            res = self.validate()
+            row = {
+                "step": self.step,
+                "cluster_acc": res["cluster"].accuracy, "cluster_miou": res["cluster"].miou,
+                "linear_acc": res["linear"].accuracy, "linear_miou": res["linear"].miou,
+            }
+            self.history.append(row)
+            self._log(row, "val")
+            metric = row["cluster_miou"] if str(self.cfg.eval.select_on) != "last" else self.step
+            if metric > self.best["metric"]:
+                self.best = {"metric": metric, "step": self.step, **row}
+                self.save(os.path.join(self.out_dir, "best.ckpt"))
+            self.save(os.path.join(self.out_dir, "last.ckpt"))
+            if self.progress:
+                tqdm.write(
+                    f"step {self.step}: cluster acc {row['cluster_acc']:.1f} mIoU {row['cluster_miou']:.1f} | "
+                    f"linear acc {row['linear_acc']:.1f} mIoU {row['linear_miou']:.1f}"
+                )
+        if self.dist.enabled:
+            dist.barrier()
+
+    # -------------------------------------------------------------------------------------- checkpoints
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": "equss-checkpoint",
+            "version": FORMAT_VERSION,
+            "step": self.step,
+            "config": self.cfg_dict,
+            "model": self.model.state_dict(),
+            "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
+            "scaler": self.scaler.state_dict(),
+            "rng": capture_rng_state(),
+            "best": self.best,
+            "history": self.history,
+            "n_classes": self.n_classes,
+            "class_names": self.class_names,
+            "in_dim": self.backbone.embed_dim,
+        }
+
+    def save(self, path: str) -> None:
+        if self.dist.is_main:
+            atomic_torch_save(self.state(), path)
+
+    def load(self, path: str) -> None:
+        ckpt = load_checkpoint(path, map_location=self.device)
+        check_compatible(ckpt["config"], self.cfg_dict, path)
+        self.model.load_state_dict(ckpt["model"])
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(ckpt["optimizers"][k])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
+        self.best = ckpt["best"]
+        self.history = list(ckpt.get("history", []))
+        restore_rng_state(ckpt["rng"])
+
+    # ---------------------------------------------------------------------------------------- logging
+    def _log(self, row: dict[str, Any], kind: str) -> None:
+        if not self.dist.is_main:
+            return
+        if not self._writers_opened:
+            self._open_writers()
+        if self.cfg.log.csv:
+            path = os.path.join(self.out_dir, f"{kind}_log.csv")
+            new = not os.path.exists(path)
+            with open(path, "a", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(row))
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{kind}/{k}", v, row["step"])
+
+    def _open_writers(self) -> None:
+        self._writers_opened = True
+        self.tb = None
+        if self.cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(self.out_dir, "tb"))
+            except ImportError:
+                warnings.warn("log.tensorboard=true but tensorboard is not installed (pip install tensorboard); "
+                              "logging to CSV only", stacklevel=2)
+
+    # ------------------------------------------------------------------------------- final evaluation
+    def final_evaluation(self) -> dict[str, Any]:
+        """Reload the selected checkpoint, evaluate without (and optionally with) CRF, print the table."""
+        from equss.evaluate import save_json
+
+        result: dict[str, Any] = {}
+        if not self.dist.is_main:
+            if self.dist.enabled:
+                dist.barrier()
+            return result
+        select = str(self.cfg.eval.select_on)
+        path = os.path.join(self.out_dir, "last.ckpt" if select == "last" else "best.ckpt")
+        if os.path.exists(path):
+            self.model.load_state_dict(load_checkpoint(path, map_location=self.device)["model"])
+        ckpt_step = self.best["step"] if select != "last" else self.step
+        result["selected"] = {"checkpoint": path, "step": ckpt_step, "select_on": select}
+        result["no_crf"] = self.validate(desc="final")
+        if bool(self.cfg.eval.crf):
+            result["crf"] = self.validate(crf=True, desc="final+crf")
+        if bool(self.cfg.eval.kmeans_baseline):
+            result["kmeans_baseline"] = kmeans_baseline(
+                self.train_base, self.val_loader, lambda b: self.featurize(b, key=self._val_key()),
+                self.n_classes, self.device, int(self.cfg.seed), key=self.key, backbone=self.backbone,
+            )
+        result["chance"] = chance_level(self.val_loader)
+        table = format_results(result, self.cfg)
+        print(table)
+        with open(os.path.join(self.out_dir, "results.md"), "w") as fh:
+            fh.write(table + "\n")
+        save_json(os.path.join(self.out_dir, "results.json"), summarize(result))
+        if self.dist.enabled:
+            dist.barrier()
+        return result
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# -------------------------------------------------------------------------------------- config helpers
+def dataset_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    d = cfg.data
+    kwargs: dict[str, Any] = {"root": d.root, "crop": str(d.crop)}
+    if str(d.dataset) == "synthetic":
+        s = d.synthetic
+        kwargs.update(num_train=int(s.num_train), num_val=int(s.num_val), num_classes=int(s.num_classes), seed=int(cfg.seed))
+    return kwargs
+
+
+def dataset_id(cfg: DictConfig, split: str) -> str:
+    """Identity of a (dataset, variant, split) for caches and kNN files."""
+    d = cfg.data
+    ident = f"{d.dataset}_{split}_{d.crop}"
+    if str(d.dataset) == "synthetic":
+        s = d.synthetic
+        ident += f"_n{s.num_train if split == d.train_split else s.num_val}_c{s.num_classes}_s{cfg.seed}"
+    return ident
+
+
+def feature_cache_dir(cfg: DictConfig) -> str:
+    if cfg.backbone.cache_dir:
+        return str(cfg.backbone.cache_dir)
+    if cfg.data.root:
+        return os.path.join(str(cfg.data.root), "equss_cache")
+    return os.path.join(os.path.expanduser("~"), ".cache", "equss")
+
+
+# ----------------------------------------------------------------------------------- baselines/tables
+@torch.no_grad()
+def kmeans_baseline(train_base, val_loader, featurize, n_classes, device, seed, key, backbone) -> dict[str, Any]:
+    """The baseline every USS paper reports: k-means (K = n_classes) on the frozen backbone's features,
+    fitted on (a sample of) the training features, predicted on the validation set, Hungarian-matched."""
+    from equss.evaluate import ConfusionMatrix
+    from equss.ops import pq_assign
+    from equss.ops.kmeans import product_kmeans
+
+    g = torch.Generator().manual_seed(seed)
+    rows, budget = [], 200_000
+    idx = torch.randperm(len(train_base), generator=g).tolist()
+    count = 0
+    for i in idx:
+        item = train_base[i]
+        f = item[key].unsqueeze(0) if key == "feat" else backbone(item["img"].unsqueeze(0).to(device))
+        f = F.normalize(f.float(), dim=1)
+        rows.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu())
+        count += rows[-1].shape[0]
+        if count >= budget:
+            break
+    x = torch.cat(rows).unsqueeze(1)  # [P, 1, C], l2-normalised: spherical (cosine) k-means
+    centroids, _ = product_kmeans(x, n_classes, iters=30, metric="dot", generator=g)
+    cm = ConfusionMatrix(n_classes, n_clusters=n_classes)
+    for batch in val_loader:
+        label = batch["label"].to(device)
+        f = F.normalize(featurize(batch).float(), dim=1)
+        B, C, h, w = f.shape
+        codes, _ = pq_assign(f.permute(0, 2, 3, 1).reshape(-1, 1, C).cpu(), centroids, "dot")
+        pred = codes.reshape(B, 1, h, w).float()
+        pred = F.interpolate(pred, size=label.shape[-2:], mode="nearest").long().squeeze(1)
+        cm.update(pred.to(device), label)
+    return {"cluster": cm.compute("hungarian")}
+
+
+def chance_level(loader) -> dict[str, float]:
+    """Majority-class pixel accuracy of the evaluation labels (the accuracy of predicting one class)."""
+    counts = None
+    for batch in loader:
+        lab = batch["label"].flatten()
+        lab = lab[lab >= 0]
+        c = torch.bincount(lab)
+        counts = c if counts is None else _add_padded(counts, c)
+    if counts is None or counts.sum() == 0:
+        return {"majority_acc": float("nan")}
+    return {"majority_acc": 100.0 * float(counts.max()) / float(counts.sum())}
+
+
+def _add_padded(a: Tensor, b: Tensor) -> Tensor:
+    n = max(len(a), len(b))
+    return F.pad(a, (0, n - len(a))) + F.pad(b, (0, n - len(b)))
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"selected": result.get("selected"), "chance": result.get("chance")}
+    for key in ("no_crf", "crf", "kmeans_baseline"):
+        if key in result:
+            out[key] = {probe: res.to_dict() for probe, res in result[key].items() if probe in ("cluster", "linear")}
+    return out
+
+
+def format_results(result: dict[str, Any], cfg: DictConfig) -> str:
+    lines = [
+        f"## EQUSS results: {cfg.data.dataset}, backbone {cfg.backbone.name} "
+        f"(checkpoint: {result['selected']['select_on']}, step {result['selected']['step']})",
+        "",
+        "| method | cluster Acc | cluster mIoU | linear Acc | linear mIoU |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    chance = result.get("chance", {}).get("majority_acc", float("nan"))
+    lines.append(f"| chance (majority class) | {chance:.1f} | — | — | — |")
+    if "kmeans_baseline" in result:
+        km = result["kmeans_baseline"]["cluster"]
+        lines.append(f"| k-means on backbone features | {km.accuracy:.1f} | {km.miou:.1f} | — | — |")
+    for key, name in (("no_crf", "EQUSS"), ("crf", "EQUSS + CRF")):
+        if key in result:
+            c, lin = result[key]["cluster"], result[key]["linear"]
+            lines.append(f"| {name} | {c.accuracy:.1f} | {c.miou:.1f} | {lin.accuracy:.1f} | {lin.miou:.1f} |")
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
+    """Build a :class:`Trainer` from ``cfg`` (optionally resuming), train, and return the final result."""
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        if trainer.dist.enabled and dist.is_initialized():
+            dist.destroy_process_group()
