@@ -223,25 +223,7 @@ class Trainer:
             os.makedirs(self.out_dir, exist_ok=True)
 
         self._build_data()
-        m = cfg.model
-        self.model = EQUSSModel(
-            in_dim=self.backbone.embed_dim,
-            n_classes=self.n_classes,
-            dim=int(m.dim),
-            num_subspaces=int(m.num_subspaces),
-            codebook_size=int(m.codebook_size),
-            dropout=float(m.dropout),
-            extra_clusters=int(m.extra_clusters),
-            learning=str(m.vq_type),
-            normalize=str(m.normalize),
-            beta=float(m.beta),
-            codebook_weight=float(m.book_weight),
-            init=str(m.init),
-            output=str(m.output),
-            decay=float(m.ema_decay),
-            eps=float(m.ema_eps),
-            dead_code_steps=int(m.dead_code_steps),
-        ).to(self.device)
+        self.model = EQUSSModel.from_config(cfg.model, self.backbone.embed_dim, self.n_classes).to(self.device)
         self.ddp_model: nn.Module = self.model
         if self.dist.enabled:
             # Buffers are synchronised by the quantizer itself (all-reduced statistics), not broadcast.
@@ -298,12 +280,9 @@ class Trainer:
         from equss.data import build_dataset
         from equss.data.knn import load_or_compute_knn
         from equss.models.backbone import build_backbone
-        from equss.models.feature_cache import FeatureCache
 
         cfg, d = self.cfg, self.cfg.data
-        weights = cfg.backbone.weights
-        weights = None if weights in (None, "none", "None") else str(weights)
-        self.backbone = build_backbone(str(cfg.backbone.name), weights=weights, device=self.device)
+        self.backbone = build_backbone(str(cfg.backbone.name), weights=cfg.backbone.weights, device=self.device)
         kwargs = dataset_kwargs(cfg)
         self.train_images = build_dataset(str(d.dataset), split=str(d.train_split), res=int(d.train_res), **kwargs)
         self.val_images = build_dataset(str(d.dataset), split=str(d.val_split), res=int(d.val_res), **kwargs)
@@ -314,10 +293,10 @@ class Trainer:
         if bool(cfg.backbone.cache_features):
             # Rank 0 computes and writes the caches; the other ranks wait, then read them.
             if self.dist.is_main:
-                self._feature_caches(FeatureCache)
+                self._feature_caches()
             if self.dist.enabled:
                 dist.barrier()
-            train_feats, val_feats = self._feature_caches(FeatureCache)
+            train_feats, val_feats = self._feature_caches()
             self.train_base, self.key = train_feats, "feat"
             self.val_base = val_feats
         else:
@@ -354,16 +333,13 @@ class Trainer:
             self.val_base, batch_size=int(d.val_batch_size), shuffle=False, num_workers=int(d.num_workers)
         )
 
-    def _feature_caches(self, FeatureCache):
-        cfg, d = self.cfg, self.cfg.data
-        caches = []
-        for split, images in ((str(d.train_split), self.train_images), (str(d.val_split), self.val_images)):
-            cache = FeatureCache(
-                self.backbone, images, self.cache_dir, dataset_name=dataset_id(cfg, split), device=self.device,
-                progress=self.progress,
-            )
-            caches.append(cache.dataset(with_image=split == str(d.val_split)))
-        return caches
+    def _feature_caches(self) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
+        d = self.cfg.data
+        train = cached_features(self.backbone, self.train_images, self.cfg, str(d.train_split), int(d.train_res),
+                                self.device, self.progress, with_image=False)
+        val = cached_features(self.backbone, self.val_images, self.cfg, str(d.val_split), int(d.val_res),
+                              self.device, self.progress, with_image=True)
+        return train, val
 
     def featurize(self, batch: dict[str, Any], flip: bool = False, key: str = "feat") -> Tensor:
         """Backbone features of a batch: from the cache when present, else by running the backbone."""
@@ -606,6 +582,24 @@ def dataset_id(cfg: DictConfig, split: str) -> str:
         s = d.synthetic
         ident += f"_n{s.num_train if split == d.train_split else s.num_val}_c{s.num_classes}_s{cfg.seed}"
     return ident
+
+
+def cached_features(backbone, images, cfg: DictConfig, split: str, res: int, device, progress: bool,
+                    with_image: bool) -> torch.utils.data.Dataset:
+    """The backbone features of ``images`` from the on-disk cache (computed on first use).
+
+    Items are ``{"feat", "label", "index"}`` (+ ``"img"`` from ``images`` when ``with_image``). The cache
+    key covers the backbone weights, dataset, split, resolution and crop (equss.models.feature_cache).
+    """
+    from equss.models.feature_cache import FeatureCache
+
+    d = cfg.data
+    cache = FeatureCache(
+        backbone, images, os.path.join(feature_cache_dir(cfg), "features"),
+        dataset_name=dataset_id(cfg, split), split=split, res=res, crop=str(d.crop),
+        batch_size=int(d.val_batch_size), device=device, progress=progress,
+    )
+    return cache.dataset(return_img=with_image)
 
 
 def feature_cache_dir(cfg: DictConfig) -> str:

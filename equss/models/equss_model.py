@@ -69,6 +69,29 @@ class EQUSSModel(nn.Module):
         self.cluster_probe = ClusterProbe(dim, n_classes, extra_clusters=extra_clusters)
         self.linear_probe = LinearProbe(dim, n_classes)
 
+    @classmethod
+    def from_config(cls, model_cfg, in_dim: int, n_classes: int) -> EQUSSModel:
+        """Build from the ``model`` section of a training config (configs/base.yaml)."""
+        m = model_cfg
+        return cls(
+            in_dim=in_dim,
+            n_classes=n_classes,
+            dim=int(m.dim),
+            num_subspaces=int(m.num_subspaces),
+            codebook_size=int(m.codebook_size),
+            dropout=float(m.dropout),
+            extra_clusters=int(m.extra_clusters),
+            learning=str(m.vq_type),
+            normalize=str(m.normalize),
+            beta=float(m.beta),
+            codebook_weight=float(m.book_weight),
+            init=str(m.init),
+            output=str(m.output),
+            decay=float(m.ema_decay),
+            eps=float(m.ema_eps),
+            dead_code_steps=int(m.dead_code_steps),
+        )
+
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters trained by the main optimiser (and clipped): expansion head + codebooks."""
         return [
