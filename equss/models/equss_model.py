@@ -126,8 +126,7 @@ class EQUSSModel(nn.Module):
 
         q = out.q.detach().float()
         cluster_loss = self.cluster_probe.loss(q)
-        logits = upsample_to(self.linear_probe(q), label.shape[-2:])
-        linear_loss = self.linear_probe.loss(logits, label)
+        linear_loss = self.linear_probe.loss(q, label)  # upsamples its logits to the label size
 
         loss = stego_weight * stego_loss + pq_weight * out.pq_loss + cluster_loss + linear_loss
         terms = {

@@ -16,26 +16,35 @@ from equss.ops.pq import pq_assign, pq_cluster_stats
 __all__ = ["product_kmeans"]
 
 
-def _init_kmeanspp(x: Tensor, K: int, metric: str, generator: torch.Generator) -> Tensor:
-    """k-means++ seeding per subspace, vectorised over M: ``x [N, M, Ds]`` → ``[M, K, Ds]``."""
-    N, M, Ds = x.shape
-    idx = torch.randint(0, N, (M,), generator=generator).to(x.device)
-    centers = [x[idx, torch.arange(M, device=x.device)]]  # [M, Ds]
-    # Squared distance of every row to its nearest centre so far, per subspace: [N, M].
-    d2 = ((x - centers[0].unsqueeze(0)) ** 2).sum(-1)
-    for _ in range(1, K):
-        weights = d2.clamp_min(0).t()  # [M, N]
-        total = weights.sum(1, keepdim=True)
-        # Rows all identical to the chosen centres (total 0): fall back to uniform sampling.
-        weights = torch.where(total > 0, weights, torch.ones_like(weights))
-        pick = torch.multinomial(weights.cpu(), 1, generator=generator).squeeze(1).to(x.device)
-        c = x[pick, torch.arange(M, device=x.device)]
-        centers.append(c)
-        d2 = torch.minimum(d2, ((x - c.unsqueeze(0)) ** 2).sum(-1))
-    cb = torch.stack(centers, dim=1)
-    if metric == "dot":
-        cb = torch.nn.functional.normalize(cb, dim=-1)
-    return cb
+def _init_kmeanspp(x: Tensor, K: int, metric: str, generator: torch.Generator, max_rows: int) -> Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007) in every subspace at once: ``[N, M, Ds]`` → ``[M, K, Ds]``.
+
+    Each next centre is a row drawn with probability ∝ its squared distance to the nearest centre so far,
+    which avoids the local minima of uniform seeding (two seeds in one cluster). Seeding costs K·N·M·Ds,
+    so it runs on a random subset of ``max_rows`` rows; distances use the ``‖x‖² − 2x·c + ‖c‖²``
+    expansion as one batched matrix-vector product, and sampling is an inverse-CDF lookup.
+    """
+    N, M, _ = x.shape
+    if N > max_rows:
+        x = x[torch.randperm(N, generator=generator)[:max_rows].to(x.device)]
+        N = max_rows
+    xt = x.transpose(0, 1).contiguous()  # [M, N, Ds]
+    x_sq = (xt * xt).sum(-1)  # [M, N]
+    m_idx = torch.arange(M, device=x.device)
+    pick = torch.randint(0, N, (M,), generator=generator).to(x.device)
+    centres, min_d2 = [], None
+    for _ in range(K):
+        c = xt[m_idx, pick]  # [M, Ds]
+        centres.append(c)
+        d2 = (x_sq - 2.0 * torch.bmm(xt, c.unsqueeze(-1)).squeeze(-1) + (c * c).sum(-1, keepdim=True)).clamp_min(0)
+        min_d2 = d2 if min_d2 is None else torch.minimum(min_d2, d2)
+        # Fewer distinct rows than K (all weights 0): fall back to uniform sampling.
+        w = torch.where(min_d2.sum(1, keepdim=True) > 0, min_d2, torch.ones_like(min_d2)).double().cpu()
+        cdf = w.cumsum(1)
+        u = torch.rand(M, 1, generator=generator, dtype=torch.float64) * cdf[:, -1:]
+        pick = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(N - 1).to(x.device)
+    cb = torch.stack(centres, dim=1)
+    return torch.nn.functional.normalize(cb, dim=-1) if metric == "dot" else cb
 
 
 def product_kmeans(
@@ -46,6 +55,7 @@ def product_kmeans(
     init: str = "kmeans++",
     generator: torch.Generator | None = None,
     tol: float = 1e-6,
+    seed_rows: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Lloyd's k-means in every subspace at once.
 
@@ -57,6 +67,7 @@ def product_kmeans(
             centroids are re-normalised after each update).
         init: ``"kmeans++"`` (default) or ``"random"`` (K distinct random rows per subspace).
         generator: CPU generator for reproducible seeding.
+        seed_rows: k-means++ seeds from a random subset of this many rows (default ``32·K``).
 
     Returns:
         ``codebooks [M, K, Ds]`` float32 and the final ``codes [N, M]`` int32.
@@ -76,7 +87,7 @@ def product_kmeans(
         if metric == "dot":
             cb = torch.nn.functional.normalize(cb, dim=-1)
     else:
-        cb = _init_kmeanspp(x, K, metric, g)
+        cb = _init_kmeanspp(x, K, metric, g, seed_rows or 32 * K)
     cb = cb.contiguous()
     previous = None
     codes = None

@@ -181,7 +181,7 @@ def _(x, codes, cluster_size, embed_sum, codebooks, decay, eps) -> Tensor:
     return x.new_empty(codebooks.shape[0], codebooks.shape[1], dtype=torch.float32)
 
 
-def _check_stats_inputs(x: Tensor, codes: Tensor, K: int, op: str) -> tuple[Tensor, Tensor]:
+def _check_stats_inputs(x: Tensor, codes: Tensor, K: int, op: str, check_range: bool) -> tuple[Tensor, Tensor]:
     x = V.check_float(x, "x", op)
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be [N, M, Ds], got shape {tuple(x.shape)}")
@@ -189,23 +189,26 @@ def _check_stats_inputs(x: Tensor, codes: Tensor, K: int, op: str) -> tuple[Tens
     V.check_same_device(op, x=x, codes=codes)
     if int(K) < 1:
         raise ValueError(f"{op}: K must be >= 1, got {K}")
-    V.check_codes_range(codes, int(K), op)
+    if check_range:
+        V.check_codes_range(codes, int(K), op)
     return x.contiguous(), codes.contiguous()
 
 
-def pq_cluster_stats(x: Tensor, codes: Tensor, K: int) -> tuple[Tensor, Tensor]:
+def pq_cluster_stats(x: Tensor, codes: Tensor, K: int, *, check_range: bool = True) -> tuple[Tensor, Tensor]:
     """Per-codeword counts and sums of the rows assigned to each codeword this step.
 
     Args:
         x: ``[N, M, Ds]`` float.
         codes: ``[N, M]`` int32/int64 in ``[0, K)``.
         K: codewords per codebook.
+        check_range: raise ``IndexError`` for codes outside ``[0, K)`` (a device sync on CUDA; codes from
+            :func:`pq_assign` are always in range, so hot loops may pass ``False``).
 
     Returns:
         ``counts [M, K]`` and ``sums [M, K, Ds]``, both float32. All-reduce these across ranks before
         :func:`pq_ema_apply_` when training data-parallel.
     """
-    x, codes = _check_stats_inputs(x, codes, K, "pq_cluster_stats")
+    x, codes = _check_stats_inputs(x, codes, K, "pq_cluster_stats", check_range)
     return torch.ops.equss.pq_cluster_stats(x, codes, int(K))
 
 
@@ -252,6 +255,8 @@ def pq_ema_update_(
     codebooks: Tensor,
     decay: float = 0.99,
     eps: float = 1e-5,
+    *,
+    check_range: bool = True,
 ) -> Tensor:
     """One EMA codebook step in place: :func:`pq_cluster_stats` then :func:`pq_ema_apply_`.
 
@@ -260,13 +265,14 @@ def pq_ema_update_(
         codes: ``[N, M]`` their codes.
         cluster_size, embed_sum, codebooks: buffers as in :func:`pq_ema_apply_`.
         decay: EMA decay (EQUSS: 0.99). eps: Laplace smoothing (EQUSS: 1e-5).
+        check_range: as in :func:`pq_cluster_stats`.
 
     Returns:
         This step's counts ``[M, K]`` float32 (a count of 0 marks a code unused this step).
     """
     op = "pq_ema_update_"
     M, K, Ds = _check_ema_buffers(cluster_size, embed_sum, codebooks, decay, eps, op)
-    x, codes = _check_stats_inputs(x, codes, K, op)
+    x, codes = _check_stats_inputs(x, codes, K, op, check_range)
     if x.shape[1:] != (M, Ds):
         raise ValueError(f"{op}: x [N, M, Ds] = {tuple(x.shape)} does not match codebooks {tuple(codebooks.shape)}")
     V.check_same_device(op, x=x, codebooks=codebooks)
