@@ -110,11 +110,13 @@ def pq_gather_backward_ref(grad_out: Tensor, codes: Tensor, K: int) -> Tensor:
         K: number of codewords.
 
     Returns:
-        ``[M, K, Ds]`` float32 (accumulated in fp32; the caller casts to the codebook dtype).
+        ``[M, K, Ds]`` float32 (float64 for float64 ``grad_out``, so gradcheck is exact); the caller casts
+        to the codebook dtype.
     """
     N, M, Ds = grad_out.shape
-    grad = torch.zeros(M * K, Ds, dtype=torch.float32, device=grad_out.device)
-    grad.index_add_(0, _flat_index(codes, K), grad_out.reshape(N * M, Ds).float())
+    acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    grad = torch.zeros(M * K, Ds, dtype=acc, device=grad_out.device)
+    grad.index_add_(0, _flat_index(codes, K), grad_out.reshape(N * M, Ds).to(acc))
     return grad.reshape(M, K, Ds)
 
 
@@ -173,7 +175,8 @@ def pq_ema_apply_ref_(
     n_tot = cluster_size.sum(dim=1, keepdim=True)  # [M, 1]
     smoothed = (cluster_size + eps) / (n_tot + K * eps) * n_tot  # [M, K]
     new = embed_sum / smoothed.unsqueeze(-1)
-    codebooks.copy_(torch.where((n_tot > 0).unsqueeze(-1), new, codebooks.float()))
+    # where() in the codebook dtype: a subspace with nothing assigned keeps its codebook bit-exact.
+    codebooks.copy_(torch.where((n_tot > 0).unsqueeze(-1), new.to(codebooks.dtype), codebooks))
 
 
 def pq_ema_update_ref_(

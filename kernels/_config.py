@@ -1,0 +1,98 @@
+"""Launch-time choices shared by the Triton PQ kernels: matmul precision, interpreter mode, block sizes.
+
+Nothing here is autotuned: every launcher picks its configuration with a deterministic heuristic from a
+finite set (each kernel module exposes it as ``CONFIGS``), so ``tests/test_triton_compile.py`` can
+compile exactly the configurations that can run, ahead of time, for sm_80 and sm_90. ``@triton.autotune``
+with several configs does not run under the interpreter, and a benchmark that autotunes measures a
+moving target; a later GPU session can widen the sets from measurements.
+
+Matmul precision (``EQUSS_TRITON_PRECISION``, or the ``precision=`` argument of
+:func:`equss.kernels.pq_assign_fused`) only matters for float32 inputs of the assignment kernel:
+
+========== ============================================================================================
+``ieee``   (default) true fp32 FMAs. Distances round like the fp32 PyTorch reference (which runs with
+           ``torch.backends.cuda.matmul.allow_tf32 = False`` by default), so codes equal the
+           reference's except where two codewords are within a few fp32 ulps (near-ties).
+``tf32x3`` three TF32 tensor-core products (hi·hi + hi·lo + lo·hi): ~fp32 accuracy (relative error
+           ~2⁻²² per product) at tensor-core speed; near-tie flips become slightly more frequent.
+``tf32``   one TF32 product (10-bit mantissa, relative error ~10⁻³): fastest, but on random data codes
+           differ from the fp32 reference whenever the two best distances are within ~0.1 %.
+========== ============================================================================================
+
+float16/bfloat16 inputs always use the native tensor-core products (exact in fp32) with fp32
+accumulation; the precision setting does not apply to them. float64 inputs are cast to float32 first,
+which is what the reference does (it accumulates in float32).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+DEFAULT_PRECISION = "ieee"
+PRECISION_ENV = "EQUSS_TRITON_PRECISION"
+
+# Kernel dtypes: float64 is cast to float32 by the launchers (see the module docstring), so kernels only
+# ever see these three (the gather copy and the EMA codebook store also handle float64, bit-exactly).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_TYPE = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+    torch.int32: "i32",
+    torch.int64: "i64",
+}
+
+# Subspace widths are tiled in chunks of BLOCK_D ∈ {16, 32} (tl.dot needs every dimension ≥ 16 on GPU;
+# the interpreter accepts smaller tiles but the compiler rejects them). Ds > 32 loops over chunks (or, in
+# the segment sum, spreads them over the grid): 64-wide fp32 tiles spilled registers in the
+# ahead-of-time compile (scripts/triton_resources.py), and the typical PQ subspace is Ds = 32.
+BLOCK_D_CHOICES = (16, 32)
+
+# Without a GPU the segment reductions still split the rows over several programs, as if the device
+# had this many SMs, so the tests exercise the cross-program atomics.
+_INTERPRETER_SMS = 4
+
+
+def interpreted() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` at import time)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_precision(precision: str | None = None) -> str:
+    """The matmul precision for fp32 inputs: the argument, else ``$EQUSS_TRITON_PRECISION``, else ``ieee``."""
+    source = "precision argument"
+    if precision is None:
+        precision = os.environ.get(PRECISION_ENV, "").strip().lower() or DEFAULT_PRECISION
+        source = f"{PRECISION_ENV}"
+    if precision not in PRECISIONS:
+        raise ValueError(f"{source}={precision!r} is not one of {PRECISIONS}")
+    return precision
+
+
+def block_d(Ds: int) -> int:
+    """Width of one Ds chunk: the next power of two ≥ Ds, clamped to [16, 32]."""
+    return min(BLOCK_D_CHOICES[-1], max(BLOCK_D_CHOICES[0], triton.next_power_of_2(Ds)))
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Number of SMs of ``device`` (a fixed small number under the interpreter)."""
+    if device.type != "cuda":
+        return _INTERPRETER_SMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def check_grid_dim(value: int, limit: int, what: str) -> None:
+    """CUDA limits grid axes 1 and 2 to 65535 programs: fail with the shape instead of a launch error."""
+    if value > limit:
+        raise ValueError(f"equss.kernels: {what} = {value} exceeds the CUDA grid limit {limit}")
