@@ -365,6 +365,21 @@ class ClusterProbe(nn.Module):
         c = F.normalize(self.clusters, dim=1)
         return torch.einsum("bdhw,nd->bnhw", F.normalize(x, dim=1), c.to(x.dtype))
 
+    @torch.no_grad()
+    def init_from_features(self, x: Tensor, generator: torch.Generator | None = None, iters: int = 20) -> None:
+        """Set the centroids by spherical k-means on the pixels of ``x [B, D, h, w]`` (an option; STEGO and
+        EQUSS start from ``randn``). With hard assignment a random centroid that wins no pixel never gets
+        a gradient, so random starts often leave clusters unused; data-initialised centroids all start
+        with pixels."""
+        from equss.ops.kmeans import product_kmeans
+
+        _check_features(x, self.dim, "ClusterProbe")
+        rows = F.normalize(x.detach().float(), dim=1).permute(0, 2, 3, 1).reshape(-1, 1, self.dim)
+        if rows.shape[0] < self.n_clusters:
+            raise ValueError(f"ClusterProbe: need at least {self.n_clusters} pixels to initialise, got {rows.shape[0]}")
+        centroids, _ = product_kmeans(rows, self.n_clusters, iters=iters, metric="dot", generator=generator)
+        self.clusters.copy_(centroids[0].to(self.clusters))
+
     def loss(self, x: Tensor) -> Tensor:
         """Hard-assignment loss: ``−mean over pixels of max_n similarity`` (all pixels, no labels)."""
         return -self(x).max(dim=1).values.mean()

@@ -122,31 +122,6 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         return (self.batches_per_epoch() - self.start_batch) * self.local_batch
 
 
-class PositivePairs(torch.utils.data.Dataset):
-    """Anchor i and its kNN positive ``nns[i][r]``, ``r`` uniform in ``1..num_neighbors``.
-
-    ``r`` depends only on ``(seed, epoch, i)``, not on worker scheduling, so runs and resumes are exact.
-    Items: ``{"feat" | "img": anchor, "feat_pos" | "img_pos": positive, "label": anchor label, "index": i}``.
-    """
-
-    def __init__(self, base: torch.utils.data.Dataset, nns: np.ndarray, num_neighbors: int, seed: int, key: str):
-        if len(nns) != len(base):
-            raise ValueError(f"kNN table has {len(nns)} rows but the dataset has {len(base)} images")
-        if not 1 <= num_neighbors < nns.shape[1]:
-            raise ValueError(f"num_neighbors must be in [1, {nns.shape[1] - 1}], got {num_neighbors}")
-        self.base, self.nns, self.num_neighbors, self.seed, self.key = base, nns, num_neighbors, seed, key
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        j = int(self.nns[i, rng.integers(1, self.num_neighbors + 1)])
-        anchor, pos = self.base[i], self.base[j]
-        return {self.key: anchor[self.key], self.key + "_pos": pos[self.key], "label": anchor["label"], "index": i}
-
-
 # ----------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_model(
@@ -279,6 +254,7 @@ class Trainer:
     def _build_data(self) -> None:
         from equss.data import build_dataset
         from equss.data.knn import load_or_compute_knn
+        from equss.data.pairs import PairDataset
         from equss.models.backbone import build_backbone
 
         cfg, d = self.cfg, self.cfg.data
@@ -317,7 +293,7 @@ class Trainer:
                 k=int(d.knn_k), device=self.device, progress=False,
             )
         self.knn_path = knn_path
-        self.train_pairs = PositivePairs(self.train_base, nns, int(d.num_neighbors), int(cfg.seed), self.key)
+        self.train_pairs = PairDataset(self.train_base, nns, int(d.num_neighbors), int(cfg.seed))
         self.sampler = ResumableSampler(
             len(self.train_pairs), int(d.batch_size), int(cfg.seed), self.dist.rank, self.dist.world_size
         )
@@ -327,10 +303,13 @@ class Trainer:
             sampler=self.sampler,
             num_workers=int(d.num_workers),
             drop_last=True,
-            persistent_workers=False,
+            # Own generators: creating a loader iterator must not draw from the global RNG, or a resumed
+            # run (which creates its iterator at another point) would see different dropout/sampling draws.
+            generator=torch.Generator().manual_seed(int(cfg.seed)),
         )
         self.val_loader = torch.utils.data.DataLoader(
-            self.val_base, batch_size=int(d.val_batch_size), shuffle=False, num_workers=int(d.num_workers)
+            self.val_base, batch_size=int(d.val_batch_size), shuffle=False, num_workers=int(d.num_workers),
+            generator=torch.Generator().manual_seed(int(cfg.seed)),
         )
 
     def _feature_caches(self) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
@@ -394,7 +373,7 @@ class Trainer:
             while self.step < self.total_steps and not interrupted["flag"]:
                 epoch, start = divmod(self.step, self.steps_per_epoch)
                 self.sampler.set_epoch(epoch, start)
-                self.train_pairs.epoch = epoch
+                self.train_pairs.set_epoch(epoch)
                 for batch in self.train_loader:
                     terms = self.train_step(batch)
                     self.step += 1

@@ -58,10 +58,17 @@ class EQUSSModel(nn.Module):
         codebook_size: int = 256,
         dropout: float = 0.1,
         extra_clusters: int = 0,
+        cluster_init: str = "randn",
         **pq_kwargs,
     ) -> None:
         super().__init__()
+        if cluster_init not in ("randn", "kmeans"):
+            raise ValueError(f"cluster_init must be 'randn' (STEGO/EQUSS) or 'kmeans', got {cluster_init!r}")
         self.n_classes = n_classes
+        self.cluster_init = cluster_init
+        # Whether the cluster probe was initialised from data (cluster_init="kmeans"); a buffer so it
+        # survives checkpoints and a resumed run does not re-initialise.
+        self.register_buffer("cluster_initialized", torch.tensor(cluster_init == "randn"))
         # The dropped-out features feed both the head and the STEGO loss, so the model applies the head's
         # dropout itself and then calls head.project (EQUSS_SPEC §1).
         self.head = ExpansionHead(in_dim, dim, dropout=dropout)
@@ -81,6 +88,7 @@ class EQUSSModel(nn.Module):
             codebook_size=int(m.codebook_size),
             dropout=float(m.dropout),
             extra_clusters=int(m.extra_clusters),
+            cluster_init=str(m.cluster_init),
             learning=str(m.vq_type),
             normalize=str(m.normalize),
             beta=float(m.beta),
@@ -125,6 +133,8 @@ class EQUSSModel(nn.Module):
         stego_loss, stego_terms = stego(fd, fd_pos, out.z, z_pos)
 
         q = out.q.detach().float()
+        if not bool(self.cluster_initialized):
+            self._init_cluster_probe(q)
         cluster_loss = self.cluster_probe.loss(q)
         linear_loss = self.linear_probe.loss(q, label)  # upsamples its logits to the label size
 
@@ -140,6 +150,17 @@ class EQUSSModel(nn.Module):
         terms["pq_usage"] = out.pq_stats.usage.detach().float()
         terms["pq_perplexity"] = out.pq_stats.perplexity.detach().float().mean()
         return TrainOutput(loss, terms)
+
+    @torch.no_grad()
+    def _init_cluster_probe(self, q: Tensor) -> None:
+        """k-means on the first training batch's codes; rank 0's centroids are broadcast under DDP."""
+        import torch.distributed as dist
+
+        g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+        self.cluster_probe.init_from_features(q, generator=g)
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(self.cluster_probe.clusters.data, src=0)
+        self.cluster_initialized.fill_(True)
 
     @torch.no_grad()
     def predict(
