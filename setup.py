@@ -42,7 +42,7 @@ def _cuda_archs() -> str:
     import torch
 
     if torch.cuda.is_available():
-        caps = sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        caps = sorted({"{}.{}".format(*torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())})
         return ";".join(caps)
     return "8.0;9.0"
 
@@ -80,7 +80,7 @@ def _extensions() -> tuple[list, dict]:
 
     debug = _env("EQUSS_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = [*opt, "-std=c++17", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    cxx_flags = [*opt, "-std=c++20", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     define_macros: list[tuple[str, str | None]] = []
     sources = [os.path.join("csrc", "registration.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     kwargs = dict(
@@ -95,7 +95,7 @@ def _extensions() -> tuple[list, dict]:
         os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_archs()
         kwargs["sources"] = sources + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         kwargs["define_macros"] = define_macros + [("EQUSS_WITH_CUDA", None)]
-        nvcc = [*opt, "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = [*opt, "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         if debug:
             nvcc.append("-G")
         kwargs["extra_compile_args"]["nvcc"] = nvcc
