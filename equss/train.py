@@ -188,8 +188,8 @@ class Trainer:
 
         self.cfg = cfg
         self.cfg_dict = config_to_dict(cfg)
-        self.dist = init_distributed("cuda" if str(cfg.device).startswith("cuda") or (
-            cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+        wants_cuda = str(cfg.device).startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+        self.dist = init_distributed("cuda" if wants_cuda else "cpu")
         self.device = resolve_device(str(cfg.device), self.dist)
         self.out_dir = str(cfg.output_dir)
         self.progress = bool(cfg.log.progress) and self.dist.is_main
@@ -207,6 +207,8 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False,
             )
+        if str(cfg.loss.preset) not in STEGO_PRESETS:
+            raise ValueError(f"loss.preset={cfg.loss.preset!r} is not one of {sorted(STEGO_PRESETS)}")
         preset = STEGO_PRESETS[str(cfg.loss.preset)]
         loss_cfg = cfg.loss
         self.stego = StegoCorrespondenceLoss(
@@ -223,6 +225,8 @@ class Trainer:
             "cluster_probe": torch.optim.Adam(self.model.cluster_probe.parameters(), lr=float(o.probe_lr)),
             "linear_probe": torch.optim.Adam(self.model.linear_probe.parameters(), lr=float(o.probe_lr)),
         }
+        if str(cfg.eval.select_on) not in ("val", "last"):
+            raise ValueError(f"eval.select_on must be 'val' or 'last', got {cfg.eval.select_on!r}")
         self.amp_dtype = self._amp_dtype(str(o.amp))
         # One scaler for all three optimisers (fp16 only): unscale every optimiser before clipping, step
         # each, then update once per step (the authors' code updates once per optimiser; EQUSS_SPEC §7).
