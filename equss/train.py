@@ -93,15 +93,19 @@ def seed_everything(seed: int) -> None:
 class ResumableSampler(torch.utils.data.Sampler[int]):
     """Seeded per-epoch shuffling, sharded over ranks, able to start mid-epoch (exact resume).
 
-    The order of epoch ``e`` depends only on ``(seed, e)``, so a resumed run skips exactly the batches
+    Iterates over ``indices`` (the anchors: all training images, or all but the held-out ones). The order
+    of epoch ``e`` depends only on ``(seed, e)``, so a resumed run skips exactly the batches
     that were already trained on. With ``world_size`` ranks, rank r takes every world_size-th index of
     the shuffled order (the tail that does not fill a global batch is dropped, as ``drop_last``).
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, indices: list[int], batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         if batch_size % world_size:
             raise ValueError(f"batch size {batch_size} must be divisible by the number of processes {world_size}")
-        self.n, self.global_batch, self.seed = n, batch_size, seed
+        self.indices = torch.as_tensor(indices, dtype=torch.int64)
+        self.n, self.global_batch, self.seed = len(self.indices), batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.local_batch = batch_size // world_size
         self.epoch, self.start_batch = 0, 0
@@ -114,7 +118,7 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g)[: self.batches_per_epoch() * self.global_batch]
+        order = self.indices[torch.randperm(self.n, generator=g)[: self.batches_per_epoch() * self.global_batch]]
         mine = order[self.rank :: self.world_size]
         return iter(mine[self.start_batch * self.local_batch :].tolist())
 
@@ -225,8 +229,8 @@ class Trainer:
             "cluster_probe": torch.optim.Adam(self.model.cluster_probe.parameters(), lr=float(o.probe_lr)),
             "linear_probe": torch.optim.Adam(self.model.linear_probe.parameters(), lr=float(o.probe_lr)),
         }
-        if str(cfg.eval.select_on) not in ("val", "last"):
-            raise ValueError(f"eval.select_on must be 'val' or 'last', got {cfg.eval.select_on!r}")
+        if str(cfg.eval.select_on) not in ("val", "holdout", "last"):
+            raise ValueError(f"eval.select_on must be 'val', 'holdout' or 'last', got {cfg.eval.select_on!r}")
         self.amp_dtype = self._amp_dtype(str(o.amp))
         # One scaler for all three optimisers (fp16 only): unscale every optimiser before clipping, step
         # each, then update once per step (the authors' code updates once per optimiser; EQUSS_SPEC §7).
@@ -298,8 +302,9 @@ class Trainer:
             )
         self.knn_path = knn_path
         self.train_pairs = PairDataset(self.train_base, nns, int(d.num_neighbors), int(cfg.seed))
+        anchors, self.holdout_loader = self._holdout_split(build_dataset, kwargs)
         self.sampler = ResumableSampler(
-            len(self.train_pairs), int(d.batch_size), int(cfg.seed), self.dist.rank, self.dist.world_size
+            anchors, int(d.batch_size), int(cfg.seed), self.dist.rank, self.dist.world_size
         )
         self.train_loader = torch.utils.data.DataLoader(
             self.train_pairs,
@@ -316,6 +321,31 @@ class Trainer:
             generator=torch.Generator().manual_seed(int(cfg.seed)),
         )
 
+    def _holdout_split(self, build_dataset, kwargs) -> tuple[list[int], torch.utils.data.DataLoader | None]:
+        """Anchor indices, and for ``eval.select_on=holdout`` a loader over the held-out training images.
+
+        A seeded ``holdout_fraction`` of the training images is never an anchor, so its labels never
+        train the linear probe; the checkpoint is then selected on it instead of on the reported split.
+        Held-out images may still be drawn as kNN positives (their pixels, never their labels, are used).
+        They are evaluated at the protocol resolution by running the backbone (no feature cache).
+        """
+        cfg, d = self.cfg, self.cfg.data
+        n = len(self.train_base)
+        if str(cfg.eval.select_on) != "holdout":
+            return list(range(n)), None
+        fraction = float(cfg.eval.holdout_fraction)
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"eval.holdout_fraction must be in (0, 1), got {fraction}")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(cfg.seed))).tolist()
+        h = max(1, round(fraction * n))
+        held, anchors = sorted(perm[:h]), sorted(perm[h:])
+        images = build_dataset(str(d.dataset), split=str(d.train_split), res=int(d.val_res), **kwargs)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(images, held), batch_size=int(d.val_batch_size), shuffle=False,
+            num_workers=int(d.num_workers), generator=torch.Generator().manual_seed(int(cfg.seed)),
+        )
+        return anchors, loader
+
     def _feature_caches(self) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
         d = self.cfg.data
         train = cached_features(self.backbone, self.train_images, self.cfg, str(d.train_split), int(d.train_res),
@@ -325,12 +355,13 @@ class Trainer:
         return train, val
 
     def featurize(self, batch: dict[str, Any], flip: bool = False, key: str = "feat") -> Tensor:
-        """Backbone features of a batch: from the cache when present, else by running the backbone."""
+        """Backbone features of a batch: cached ``feat``/``feat_pos`` entries are used as they are; for
+        ``img``/``img_pos`` keys (no cache) the frozen backbone runs on the images."""
         if flip:
             return self.backbone(batch["img"].flip(-1).to(self.device))
-        if key in batch:
+        if key.startswith("feat"):
             return batch[key].to(self.device, non_blocking=True).float()
-        return self.backbone(batch[key.replace("feat", "img")].to(self.device, non_blocking=True))
+        return self.backbone(batch[key].to(self.device, non_blocking=True))
 
     # ---------------------------------------------------------------------------------------- training
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
@@ -405,10 +436,13 @@ class Trainer:
         return self.final_evaluation()
 
     # -------------------------------------------------------------------------------------- validation
-    def validate(self, crf: bool = False, keep: bool = False, desc: str = "val") -> dict[str, Any]:
+    def validate(self, crf: bool = False, keep: bool = False, desc: str = "val", loader=None) -> dict[str, Any]:
+        """Probe metrics on ``loader`` (default: the validation split)."""
         n_clusters = self.n_classes + int(self.cfg.model.extra_clusters)
+        loader = self.val_loader if loader is None else loader
+        key = "img" if loader is self.holdout_loader else self._val_key()
         return evaluate_model(
-            self.model, self.val_loader, lambda b, flip=False: self.featurize(b, flip=flip, key=self._val_key()),
+            self.model, loader, lambda b, flip=False: self.featurize(b, flip=flip, key=key),
             self.n_classes, self.device, n_clusters=n_clusters, crf=crf,
             crf_processes=int(self.cfg.eval.crf_processes), flip=bool(self.cfg.eval.flip),
             progress=self.progress, desc=desc, keep=keep,
@@ -418,7 +452,8 @@ class Trainer:
         return "feat" if self.key == "feat" else "img"
 
     def validate_and_checkpoint(self) -> None:
-        """Rank 0 evaluates the whole validation set, keeps ``best.ckpt`` by cluster mIoU, always ``last.ckpt``."""
+        """Rank 0 evaluates the whole validation set (and the held-out slice for ``select_on=holdout``),
+        keeps ``best.ckpt`` by cluster mIoU on the selection split, always ``last.ckpt``."""
         if self.dist.is_main:
             res = self.validate()
             row = {
@@ -426,9 +461,13 @@ class Trainer:
                 "cluster_acc": res["cluster"].accuracy, "cluster_miou": res["cluster"].miou,
                 "linear_acc": res["linear"].accuracy, "linear_miou": res["linear"].miou,
             }
+            select = str(self.cfg.eval.select_on)
+            if select == "holdout":
+                held = self.validate(loader=self.holdout_loader, desc="holdout")
+                row["holdout_cluster_miou"] = held["cluster"].miou
             self.history.append(row)
             self._log(row, "val")
-            metric = row["cluster_miou"] if str(self.cfg.eval.select_on) != "last" else self.step
+            metric = {"val": row["cluster_miou"], "last": self.step}.get(select, row.get("holdout_cluster_miou"))
             if metric > self.best["metric"]:
                 self.best = {"metric": metric, "step": self.step, **row}
                 self.save(os.path.join(self.out_dir, "best.ckpt"))

@@ -103,6 +103,33 @@ def test_resume_is_exact(tmp_path):
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
 
 
+def test_without_feature_cache_runs_the_backbone(tmp_path):
+    """backbone.cache_features=false trains on backbone features computed per step (not on raw images)."""
+    from equss.train import Trainer
+
+    t = Trainer(_cfg(tmp_path, "backbone.cache_features=false", "optim.max_steps=2"))
+    batch = next(iter(t.train_loader))
+    f = t.featurize(batch, key="img")
+    assert f.shape[1] == t.backbone.embed_dim and f.shape[-1] == batch["img"].shape[-1] // t.backbone.patch_size
+    t.fit()
+    assert (tmp_path / "run" / "last.ckpt").is_file()
+
+
+def test_holdout_selection_never_trains_on_held_out_anchors(tmp_path):
+    from equss.train import Trainer
+
+    t = Trainer(_cfg(tmp_path, "eval.select_on=holdout", "eval.holdout_fraction=0.25", "optim.max_steps=3"))
+    held = set(t.holdout_loader.dataset.indices)
+    assert len(held) == 12  # 25% of 48
+    t.sampler.set_epoch(0)
+    anchors = set(iter(t.sampler))
+    assert anchors and not (anchors & held)
+    result = t.fit()
+    assert result["selected"]["select_on"] == "holdout"
+    rows = _read_csv(tmp_path / "run" / "val_log.csv")
+    assert "holdout_cluster_miou" in rows[0]
+
+
 def test_resume_refuses_another_configuration(tmp_path):
     from equss.train import Trainer
 
