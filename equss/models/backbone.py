@@ -452,7 +452,7 @@ def _build_demo(weights: str | os.PathLike | None, kind: str) -> FrozenBackbone:
         )
     model = DemoBackbone()
     return FrozenBackbone(
-        model, name=DEMO_NAME, patch_size=model.patch_size, embed_dim=model.embed_dim, weights_id="demo-fixed"
+        model, name=DEMO_NAME, patch_size=model.patch_size, embed_dim=model.embed_dim, weights_id=f"demo-fixed-v{model.version}"
     )
 
 

@@ -40,6 +40,9 @@ from torch import Tensor, nn
 
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
+# Bump when the features change in a way no constructor argument shows (the feature cache and the kNN
+# files key on it, through ``version`` and the backbone's ``weights_id``).
+DEMO_VERSION = 2
 
 
 class DemoBackbone(nn.Module):
@@ -74,6 +77,7 @@ class DemoBackbone(nn.Module):
         if patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {patch_size}")
         self.patch_size = int(patch_size)
+        self.version = DEMO_VERSION
         self.wavelengths = tuple(float(w) for w in wavelengths)
         self.orientations = int(orientations)
         self.bandwidth = float(bandwidth)
