@@ -287,20 +287,19 @@ class Trainer:
             self.train_base, self.key = self.train_images, "img"
             self.val_base = self.val_images
 
-        knn_path = None
-        if self.dist.is_main:
-            nns, knn_path = load_or_compute_knn(
+        def knn(progress: bool):
+            return load_or_compute_knn(
                 self.backbone, self.train_images, dataset_id(cfg, str(d.train_split)), self.cache_dir,
-                k=int(d.knn_k), device=self.device, progress=self.progress,
+                k=int(d.knn_k), device=self.device, progress=progress,
             )
+
+        # Rank 0 computes and saves the kNN table; the other ranks wait, then load it.
+        if self.dist.is_main:
+            nns, self.knn_path = knn(self.progress)
         if self.dist.enabled:
             dist.barrier()
         if not self.dist.is_main:
-            nns, knn_path = load_or_compute_knn(
-                self.backbone, self.train_images, dataset_id(cfg, str(d.train_split)), self.cache_dir,
-                k=int(d.knn_k), device=self.device, progress=False,
-            )
-        self.knn_path = knn_path
+            nns, self.knn_path = knn(False)
         self.train_pairs = PairDataset(self.train_base, nns, int(d.num_neighbors), int(cfg.seed))
         anchors, self.holdout_loader = self._holdout_split(build_dataset, kwargs)
         self.sampler = ResumableSampler(
