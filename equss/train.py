@@ -275,31 +275,18 @@ class Trainer:
         self.cache_dir = feature_cache_dir(cfg)
 
         if bool(cfg.backbone.cache_features):
-            # Rank 0 computes and writes the caches; the other ranks wait, then read them.
-            if self.dist.is_main:
-                self._feature_caches()
-            if self.dist.enabled:
-                dist.barrier()
-            train_feats, val_feats = self._feature_caches()
-            self.train_base, self.key = train_feats, "feat"
-            self.val_base = val_feats
+            self.train_base, self.val_base = self._rank0_first(self._feature_caches)
+            self.key = "feat"
         else:
-            self.train_base, self.key = self.train_images, "img"
-            self.val_base = self.val_images
+            self.train_base, self.val_base, self.key = self.train_images, self.val_images, "img"
 
-        def knn(progress: bool):
-            return load_or_compute_knn(
+        nns, self.knn_path = self._rank0_first(
+            lambda: load_or_compute_knn(
                 self.backbone, self.train_images, dataset_id(cfg, str(d.train_split)), self.cache_dir,
-                k=int(d.knn_k), device=self.device, progress=progress,
+                k=int(d.knn_k), device=self.device, progress=self.progress,
+                features=self.train_base if self.key == "feat" else None,  # cached: no second backbone pass
             )
-
-        # Rank 0 computes and saves the kNN table; the other ranks wait, then load it.
-        if self.dist.is_main:
-            nns, self.knn_path = knn(self.progress)
-        if self.dist.enabled:
-            dist.barrier()
-        if not self.dist.is_main:
-            nns, self.knn_path = knn(False)
+        )
         self.train_pairs = PairDataset(self.train_base, nns, int(d.num_neighbors), int(cfg.seed))
         anchors, self.holdout_loader = self._holdout_split(build_dataset, kwargs)
         self.sampler = ResumableSampler(
@@ -319,6 +306,17 @@ class Trainer:
             self.val_base, batch_size=int(d.val_batch_size), shuffle=False, num_workers=int(d.num_workers),
             generator=torch.Generator().manual_seed(int(cfg.seed)),
         )
+
+    def _rank0_first(self, fn):
+        """``fn()`` on rank 0 first (it computes and writes a cache), then on the other ranks (they read it).
+
+        Each rank passes exactly one barrier; without torch.distributed this is just ``fn()``."""
+        if self.dist.enabled and not self.dist.is_main:
+            dist.barrier()
+        out = fn()
+        if self.dist.enabled and self.dist.is_main:
+            dist.barrier()
+        return out
 
     def _holdout_split(self, build_dataset, kwargs) -> tuple[list[int], torch.utils.data.DataLoader | None]:
         """Anchor indices, and for ``eval.select_on=holdout`` a loader over the held-out training images.
@@ -365,8 +363,8 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- training
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         self.model.train()
-        f = self.featurize(batch, key="feat" if self.key == "feat" else "img")
-        f_pos = self.featurize(batch, key="feat_pos" if self.key == "feat" else "img_pos")
+        f = self.featurize(batch, key=self.key)
+        f_pos = self.featurize(batch, key=self.key + "_pos")
         label = batch["label"].to(self.device, non_blocking=True)
         autocast = (
             torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
@@ -439,16 +437,13 @@ class Trainer:
         """Probe metrics on ``loader`` (default: the validation split)."""
         n_clusters = self.n_classes + int(self.cfg.model.extra_clusters)
         loader = self.val_loader if loader is None else loader
-        key = "img" if loader is self.holdout_loader else self._val_key()
+        key = "img" if loader is self.holdout_loader else self.key
         return evaluate_model(
             self.model, loader, lambda b, flip=False: self.featurize(b, flip=flip, key=key),
             self.n_classes, self.device, n_clusters=n_clusters, crf=crf,
             crf_processes=int(self.cfg.eval.crf_processes), flip=bool(self.cfg.eval.flip),
             progress=self.progress, desc=desc, keep=keep,
         )
-
-    def _val_key(self) -> str:
-        return "feat" if self.key == "feat" else "img"
 
     def validate_and_checkpoint(self) -> None:
         """Rank 0 evaluates the whole validation set (and the held-out slice for ``select_on=holdout``),
@@ -565,7 +560,7 @@ class Trainer:
             result["crf"] = self.validate(crf=True, desc="final+crf")
         if bool(self.cfg.eval.kmeans_baseline):
             result["kmeans_baseline"] = kmeans_baseline(
-                self.train_base, self.val_loader, lambda b: self.featurize(b, key=self._val_key()),
+                self.train_base, self.val_loader, lambda b: self.featurize(b, key=self.key),
                 self.n_classes, self.device, int(self.cfg.seed), key=self.key, backbone=self.backbone,
             )
         result["chance"] = chance_level(self.val_loader)

@@ -418,6 +418,19 @@ def test_compute_knn_save_load_roundtrip(tmp_path):
     nns3, _ = load_or_compute_knn(_MeanColour(), ds, "imagefolder_train_none", tmp_path, k=2, progress=False)
     np.testing.assert_array_equal(nns3, nns[:, :2])
 
+    # Precomputed featurizer outputs ("feat" items, as the feature cache yields) give the same table
+    # without running the featurizer.
+    class _Refuses(_MeanColour):
+        def forward(self, x):
+            raise AssertionError("the featurizer must not run when features are given")
+
+    feats = [{"feat": _MeanColour()(ds[i]["img"][None])[0]} for i in range(len(ds))]
+    nns4, _ = load_or_compute_knn(_Refuses(), ds, "imagefolder_train_none_f", tmp_path, k=3, progress=False,
+                                  features=feats)
+    np.testing.assert_array_equal(nns4, nns)
+    with pytest.raises(ValueError, match="features has 5 items but the dataset has 6"):
+        load_or_compute_knn(_Refuses(), ds, "imagefolder_train_none_g", tmp_path, k=3, features=feats[:5])
+
 
 # --------------------------------------------------------------------------------------------- pairs
 

@@ -43,14 +43,16 @@ def global_features(
 ) -> Tensor:
     """``feats float32 [N, C]``: spatial mean of ``featurizer(images) [B, C, h, w]``, l2-normalised.
 
-    ``dataset`` items are dicts with ``"img" [3, H, W]`` (the standard pipeline's output).
+    ``dataset`` items are dicts with ``"img" [3, H, W]`` (the standard pipeline's output), or with
+    ``"feat" [C, h, w]`` — the featurizer's output already computed (e.g. by the feature cache) — which is
+    used as it is instead of running the featurizer again.
     """
     from tqdm.auto import tqdm
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     out = []
     for batch in tqdm(loader, desc="kNN features", disable=not progress):
-        f = featurizer(batch["img"].to(device))
+        f = batch["feat"] if "feat" in batch else featurizer(batch["img"].to(device))
         if f.dim() != 4:
             raise ValueError(f"featurizer must return [B, C, h, w], got shape {tuple(f.shape)}")
         out.append(F.normalize(f.float().mean(dim=(2, 3)), dim=1).cpu())
@@ -231,10 +233,14 @@ def load_or_compute_knn(
     chunk_size: int = 4096,
     backend: str = "torch",
     progress: bool = True,
+    features: torch.utils.data.Dataset | None = None,
 ) -> tuple[np.ndarray, Path]:
     """The kNN table of ``dataset`` from ``<cache_dir>/nns/nns_{model}_{dataset_id}_{res}.npz``, computed
     and saved on first use. ``dataset_id`` is ``{dataset}_{split}_{crop}`` (or anything that identifies
     the image set); ``model`` is ``featurizer.name`` (else its class name), ``res`` is ``dataset.res``.
+
+    ``features``: the same images' featurizer outputs as items with ``"feat"`` (e.g. the training feature
+    cache); when given, the global features are computed from them instead of running ``featurizer``.
 
     Returns ``(nns int64 [N, k], path)``. An existing file whose metadata disagrees (number of images,
     model, weights, res, fewer than ``k`` columns) raises ``ValueError`` naming the file to delete.
@@ -248,7 +254,9 @@ def load_or_compute_knn(
         if nns.shape[1] < k:
             raise ValueError(f"kNN file {path} has {nns.shape[1]} neighbours, need k={k}; delete it to recompute")
         return nns[:, :k], path
-    nns = compute_knn(featurizer, dataset, k=k, batch_size=batch_size, device=device, chunk_size=chunk_size,
+    if features is not None and len(features) != len(dataset):
+        raise ValueError(f"features has {len(features)} items but the dataset has {len(dataset)} images")
+    nns = compute_knn(featurizer, dataset if features is None else features, k=k, batch_size=batch_size, device=device, chunk_size=chunk_size,
                       backend=backend, progress=progress)
     # dataset_id already encodes split and crop; they are stored separately only when known
     save_knn(path, nns, model=model, dataset=dataset_id, split=str(getattr(dataset, "split", "")),
