@@ -70,11 +70,14 @@ def _extensions() -> tuple[list, dict]:
     build_cuda = _env("EQUSS_BUILD_CUDA", "auto")
     if build_cuda not in ("auto", "0", "1"):
         raise SystemExit(f"EQUSS_BUILD_CUDA must be auto, 0 or 1, got {build_cuda!r}")
-    cuda_possible = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None
+    # CUDA_HOME must be set explicitly: torch's own guess (e.g. /usr/local from /usr/local/bin/nvcc) can
+    # name a directory without libcudart, and the link then fails on machines that only have nvcc.
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    cuda_possible = bool(torch.version.cuda) and bool(cuda_home)
     if build_cuda == "1" and not cuda_possible:
         raise SystemExit(
             f"equss: EQUSS_BUILD_CUDA=1 but torch.version.cuda={torch.version.cuda!r} and "
-            f"CUDA_HOME={cpp_extension.CUDA_HOME!r}; both are needed"
+            f"CUDA_HOME={cuda_home!r}; both are needed"
         )
     with_cuda = cuda_possible and build_cuda != "0"
 
@@ -103,7 +106,7 @@ def _extensions() -> tuple[list, dict]:
         ext = cpp_extension.CUDAExtension(**kwargs)
     else:
         reason = "EQUSS_BUILD_CUDA=0" if build_cuda == "0" else (
-            f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={cpp_extension.CUDA_HOME!r}"
+            f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={cuda_home!r}"
         )
         print(f"equss: building the CPU extension only ({reason})", file=sys.stderr)
         ext = cpp_extension.CppExtension(**kwargs)
