@@ -123,14 +123,12 @@ def equss_train_step(
     eps: float = 1e-5,
     fused: bool = False,
 ) -> Tensor:
-    """One EMA training step with our ops (the active backend; ``fused`` uses the Triton fused assign)."""
+    """One EMA training step with our ops (the active backend; ``fused``: the fused ``pq_assign_gather``)."""
     import equss
 
     xd = x.detach()
     if fused:
-        from equss.kernels.pq_assign import pq_assign_fused
-
-        codes, _, q, _ = pq_assign_fused(xd, codebooks.to(x.dtype), "l2")
+        codes, _, q, _, _, _ = equss.pq_assign_gather(xd, codebooks.to(x.dtype), "l2")
     else:
         codes, _ = equss.pq_assign(xd, codebooks, "l2")
         q = equss.pq_gather(codes, codebooks, check_range=False)

@@ -4,7 +4,7 @@ the authors' per-subspace formulation and vector-quantize-pytorch, in one sessio
 Groups (pytest-benchmark ``group``):
 
 * ``assign``: assignment + gather of the quantized vectors (forward only). ``triton-fused`` is the single
-  launch of :func:`equss.kernels.pq_assign.pq_assign_fused`; ``triton``/``ext``/``torch`` run
+  launch of :func:`equss.pq_assign_gather`; ``triton``/``ext``/``torch`` run
   ``equss.pq_assign`` + ``equss.pq_gather`` under that backend; ``authors`` is the per-subspace loop with
   its full N×K distances and softmax.
 * ``train_step``: assign + gather + straight-through + commitment loss + backward + EMA update
@@ -95,15 +95,22 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _kernel_configs() -> dict[str, str]:
-    out = {}
-    for name in ("pq_assign", "pq_gather", "pq_ema"):
-        try:
-            mod = importlib.import_module(f"equss.kernels.{name}")
-        except Exception:
-            return {}
-        out.update({key: cfg.describe() for key, cfg in mod.last_config.items()})
-    return out
+def _kernel_configs(shape: PQShape, dtype: torch.dtype) -> dict[str, str]:
+    """The configurations the Triton launchers pick for ``shape`` and ``dtype`` (their own ``pick_config``)."""
+    try:
+        kc = importlib.import_module("equss.kernels._config")
+        assign = importlib.import_module("equss.kernels.pq_assign")
+        gather = importlib.import_module("equss.kernels.pq_gather")
+        segment = importlib.import_module("equss.kernels.pq_segment_sum")
+    except Exception:
+        return {}
+    precision = kc.resolve_precision(None)
+    return {
+        "pq_assign": assign.pick_config(dtype, shape.Ds, precision, False).describe(),
+        "pq_assign_gather": assign.pick_config(dtype, shape.Ds, precision, True).describe(),
+        "pq_gather": gather.pick_config(dtype, shape.Ds).describe(),
+        "segment_sum": segment.pick_config(dtype, shape.Ds).describe(),
+    }
 
 
 def _require(backend: str) -> None:
@@ -159,7 +166,7 @@ def _run(
         measured_peak_hbm_GBps=round(peaks["hbm_GBps"], 1),
         measured_peak_mm_TFLOPs=round(peaks["mm_TFLOPs"], 2),
         roofline_s=roofline_s,
-        kernel_configs=_kernel_configs() if backend.startswith("triton") else {},
+        kernel_configs=_kernel_configs(shape, DTYPES[dtype_name]) if backend.startswith("triton") else {},
         triton_precision=importlib.import_module("equss.kernels._config").resolve_precision()
         if backend.startswith("triton")
         else "",
@@ -206,9 +213,7 @@ def test_assign(benchmark, backend, shape, dtype_name):
     x, cb = _inputs(shape, dtype)
 
     if backend == "triton-fused":
-        from equss.kernels.pq_assign import pq_assign_fused
-
-        fn = lambda: pq_assign_fused(x, cb, "l2")
+        fn = lambda: equss.pq_assign_gather(x, cb, "l2")
     elif backend == "authors":
         fn = lambda: B.authors_assign(x, cb)
     else:

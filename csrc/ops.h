@@ -9,6 +9,7 @@
 
 #include <c10/util/string_view.h>
 
+#include <optional>
 #include <string_view>
 #include <tuple>
 
@@ -17,6 +18,9 @@ namespace equss {
 #define EQUSS_DECLARE_OPS                                                                                   \
   std::tuple<at::Tensor, at::Tensor> pq_assign(const at::Tensor& x, const at::Tensor& codebooks,            \
                                                c10::string_view metric);                                  \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pq_assign_gather(      \
+      const at::Tensor& x, const at::Tensor& codebooks, const at::Tensor& codebooks_out,                    \
+      c10::string_view metric, const std::optional<at::Tensor>& stats_x);                                   \
   at::Tensor pq_gather(const at::Tensor& codes, const at::Tensor& codebooks);                               \
   at::Tensor pq_gather_backward(const at::Tensor& grad_out, const at::Tensor& codes, int64_t K);            \
   std::tuple<at::Tensor, at::Tensor> pq_cluster_stats(const at::Tensor& x, const at::Tensor& codes,         \

@@ -23,6 +23,9 @@ TORCH_LIBRARY(equss_C, m) {
   // No tensor arguments, so it is registered for every dispatch key (catch-all).
   m.def("has_cuda() -> bool", &has_cuda);
   m.def("pq_assign(Tensor x, Tensor codebooks, str metric) -> (Tensor codes, Tensor min_dist)");
+  m.def(
+      "pq_assign_gather(Tensor x, Tensor codebooks, Tensor codebooks_out, str metric, Tensor? stats_x) -> "
+      "(Tensor codes, Tensor min_dist, Tensor quantized, Tensor sq_err, Tensor counts, Tensor sums)");
   m.def("pq_gather(Tensor codes, Tensor codebooks) -> Tensor");
   m.def("pq_gather_backward(Tensor grad_out, Tensor codes, int K) -> Tensor");
   m.def("pq_cluster_stats(Tensor x, Tensor codes, int K) -> (Tensor counts, Tensor sums)");
@@ -33,6 +36,7 @@ TORCH_LIBRARY(equss_C, m) {
 
 TORCH_LIBRARY_IMPL(equss_C, CPU, m) {
   m.impl("pq_assign", &equss::cpu::pq_assign);
+  m.impl("pq_assign_gather", &equss::cpu::pq_assign_gather);
   m.impl("pq_gather", &equss::cpu::pq_gather);
   m.impl("pq_gather_backward", &equss::cpu::pq_gather_backward);
   m.impl("pq_cluster_stats", &equss::cpu::pq_cluster_stats);
@@ -42,6 +46,7 @@ TORCH_LIBRARY_IMPL(equss_C, CPU, m) {
 #ifdef EQUSS_WITH_CUDA
 TORCH_LIBRARY_IMPL(equss_C, CUDA, m) {
   m.impl("pq_assign", &equss::cuda::pq_assign);
+  m.impl("pq_assign_gather", &equss::cuda::pq_assign_gather);
   m.impl("pq_gather", &equss::cuda::pq_gather);
   m.impl("pq_gather_backward", &equss::cuda::pq_gather_backward);
   m.impl("pq_cluster_stats", &equss::cuda::pq_cluster_stats);

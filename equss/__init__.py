@@ -2,7 +2,7 @@
 
 from equss import backends
 from equss.backends import describe, use_backend
-from equss.ops import pq_assign, pq_cluster_stats, pq_ema_apply_, pq_ema_update_, pq_gather
+from equss.ops import pq_assign, pq_assign_gather, pq_cluster_stats, pq_ema_apply_, pq_ema_update_, pq_gather
 
 __version__ = "0.1.0"
 
@@ -12,6 +12,7 @@ __all__ = [
     "describe",
     "use_backend",
     "pq_assign",
+    "pq_assign_gather",
     "pq_gather",
     "pq_cluster_stats",
     "pq_ema_apply_",

@@ -58,7 +58,7 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import spearmanr
 from torch import Tensor
 
-from equss.evaluate import save_json
+from equss.io import save_json
 from equss.ops import pq_assign
 from equss.ops.kmeans import product_kmeans
 

@@ -11,9 +11,9 @@ Selection happens at call time, per op call, from the device of the inputs:
 Availability is probed once, lazily, and the failure reasons are kept: ``equss.backends.describe()``
 or ``python -m equss.backends`` prints them.
 
-Every backend exposes the same five functions with the signatures of the ``*_ref`` functions in
-:mod:`equss.ops.reference`: ``pq_assign``, ``pq_gather``, ``pq_gather_backward``,
-``pq_cluster_stats``, ``pq_ema_apply_``.
+Every backend implements the ops in :data:`OP_NAMES` with the signatures of the ``*_ref`` twins in
+:mod:`equss.ops.reference`: the reference itself (``torch``), the ``<op>_triton`` launchers of
+:mod:`equss.kernels` (``triton``) and the ``torch.ops.equss_C.<op>`` kernels of ``csrc/`` (``ext``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ __all__ = ["BACKENDS", "BackendInfo", "available", "describe", "get_backend", "i
 
 BACKENDS = ("triton", "ext", "torch")
 _CHOICES = ("auto",) + BACKENDS
-OP_NAMES = ("pq_assign", "pq_gather", "pq_gather_backward", "pq_cluster_stats", "pq_ema_apply_")
+OP_NAMES = ("pq_assign", "pq_assign_gather", "pq_gather", "pq_gather_backward", "pq_cluster_stats", "pq_ema_apply_")
 
 _INSTALL_EXT = (
     "pip install --no-build-isolation -e .   (needs a C++ compiler; for CUDA also CUDA_HOME and a CUDA "
@@ -62,9 +62,15 @@ def _package_dir() -> str:
     return os.path.dirname(os.path.abspath(__file__))
 
 
+def impl_name(op: str, suffix: str) -> str:
+    """``pq_assign`` → ``pq_assign_<suffix>``; in-place ops keep the trailing underscore last
+    (``pq_ema_apply_`` → ``pq_ema_apply_ref_``, ``pq_ema_apply_triton_``)."""
+    return f"{op[:-1]}_{suffix}_" if op.endswith("_") else f"{op}_{suffix}"
+
+
 def ref_name(op: str) -> str:
-    """``pq_assign`` → ``pq_assign_ref``; in-place ops keep the trailing underscore last (``pq_ema_apply_ref_``)."""
-    return op[:-1] + "_ref_" if op.endswith("_") else op + "_ref"
+    """``pq_assign`` → ``pq_assign_ref``: the reference twin's name in :mod:`equss.ops.reference`."""
+    return impl_name(op, "ref")
 
 
 def _probe_torch() -> None:
@@ -118,7 +124,7 @@ def _probe_triton() -> None:
     except Exception as exc:
         _infos["triton"] = BackendInfo("triton", False, (), f"cannot import: {type(exc).__name__}: {exc}", _INSTALL_TRITON)
         return
-    _modules["triton"] = types.SimpleNamespace(**{name: getattr(kernels, name) for name in OP_NAMES})
+    _modules["triton"] = types.SimpleNamespace(**{name: getattr(kernels, impl_name(name, "triton")) for name in OP_NAMES})
     devices = ("cpu",) if triton_interpreted() else ("cuda",)
     where = "interpreter on CPU tensors (TRITON_INTERPRET=1)" if triton_interpreted() else "CUDA tensors"
     _infos["triton"] = BackendInfo("triton", True, devices, f"triton {triton.__version__}; runs on {where}", _INSTALL_TRITON)

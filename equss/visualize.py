@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from equss.evaluate import IMAGENET_MEAN, IMAGENET_STD, unnormalize_image
+from equss.normalization import IMAGENET_MEAN, IMAGENET_STD, unnormalize_image
 from equss.palettes import IGNORE_COLOR, colorize
 
 __all__ = ["save_prediction_grid", "PAD", "HEADER", "LEGEND_WIDTH", "LEGEND_ROW"]

@@ -1,8 +1,9 @@
 """Launch-time choices shared by the Triton PQ kernels: matmul precision, interpreter mode, block sizes.
 
 Nothing here is autotuned: every launcher picks its configuration with a deterministic heuristic from a
-finite set (each kernel module exposes it as ``CONFIGS``), so ``tests/test_triton_compile.py`` can
-compile exactly the configurations that can run, ahead of time, for sm_80 and sm_90. ``@triton.autotune``
+finite set (each kernel module exposes it as ``CONFIGS`` and the heuristic as ``pick_config``), so
+``tests/test_triton_compile.py`` can compile exactly the configurations that can run, ahead of time, for
+sm_80 and sm_90; :func:`aot_spec` builds the ``triton.compile`` signature from the kernel's own parameters. ``@triton.autotune``
 with several configs does not run under the interpreter, and a benchmark that autotunes measures a
 moving target; a later GPU session can widen the sets from measurements.
 
@@ -27,6 +28,7 @@ which is what the reference does (it accumulates in float32).
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 
 import torch
@@ -59,11 +61,6 @@ BLOCK_D_CHOICES = (16, 32)
 _INTERPRETER_SMS = 4
 
 
-def interpreted() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` at import time)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def resolve_precision(precision: str | None = None) -> str:
     """The matmul precision for fp32 inputs: the argument, else ``$EQUSS_TRITON_PRECISION``, else ``ieee``."""
     source = "precision argument"
@@ -90,6 +87,44 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return _INTERPRETER_SMS
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _param_names(kernel) -> list[tuple[str, bool]]:
+    """``(name, is_constexpr)`` of a ``@triton.jit`` kernel's parameters, in order (JIT or interpreted)."""
+    params = getattr(kernel, "params", None)
+    if params is not None:
+        return [(p.name, bool(p.is_constexpr)) for p in params]
+    sig = inspect.signature(kernel.fn)
+    return [(n, "constexpr" in str(p.annotation)) for n, p in sig.parameters.items()]
+
+
+def aot_spec(kernel, pointers: dict[str, str], floats: tuple[str, ...], constexprs: dict, options: dict) -> tuple:
+    """``(kernel, signature, constexprs, options)`` for ahead-of-time ``triton.compile``, from the kernel itself.
+
+    Walks the kernel's parameters in order: a name ending in ``_ptr`` is a pointer whose element type
+    ``pointers`` must give (``"fp32"``, ``"i32"``, ...), a name in ``floats`` an fp32 scalar, any other
+    runtime parameter an i32 scalar, and every constexpr needs a value in ``constexprs``. A parameter
+    without a type, or a given name the kernel does not have, raises, so this cannot drift from the
+    kernel's argument list.
+    """
+    params = _param_names(kernel)
+    names = {n for n, _ in params}
+    unknown = (set(pointers) | set(floats) | set(constexprs)) - names
+    if unknown:
+        raise ValueError(f"aot_spec: {sorted(unknown)} are not parameters of {kernel}")
+    signature: dict[str, str] = {}
+    for name, is_constexpr in params:
+        if is_constexpr:
+            if name not in constexprs:
+                raise ValueError(f"aot_spec: constexpr {name!r} of {kernel} has no value")
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            if name not in pointers:
+                raise ValueError(f"aot_spec: pointer {name!r} of {kernel} has no element type")
+            signature[name] = "*" + pointers[name]
+        else:
+            signature[name] = "fp32" if name in floats else "i32"
+    return kernel, signature, dict(constexprs), dict(options)
 
 
 def check_grid_dim(value: int, limit: int, what: str) -> None:

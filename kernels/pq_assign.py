@@ -3,14 +3,13 @@
 One program handles ``BLOCK_N`` rows of one subspace ``m``: it keeps its rows' sub-vectors in registers,
 walks the codebook in ``BLOCK_K``-codeword tiles, computes each tile's distances with one ``tl.dot``
 (``||c||² − 2 x·c`` for ``l2``, ``−x·c`` for ``dot``; ``||x||²`` is added once at the end) and folds the
-tile's minimum into a running min/argmin. The fused variant then gathers the chosen codeword (from the
+tile's minimum into a running min/argmin. The fused variant (``pq_assign_gather_triton``) then gathers the chosen codeword (from the
 same or another codebook tensor) and writes it and ``||x − q||²`` in the same launch.
 
 Conventions (shared with :mod:`equss.ops.reference`): int32 codes; ties → lowest index (within a tile
 ``tl.min(..., return_indices=True)`` keeps the first minimum; across tiles a later tile only wins with a
-strictly smaller distance); rows holding NaN/inf keep an in-range code (the running argmin starts at 0
-and only a strictly smaller, hence non-NaN, distance of a real codeword replaces it) and get a
-non-finite ``min_dist``.
+strictly smaller distance); invalid codewords (non-finite ``||c||²``) get a +inf bias and NaN distances
+become +inf, so neither can win; invalid rows get code 0 and ``min_dist`` NaN.
 
 Shapes: ``x [N, M, Ds]``, ``codebooks [M, K, Ds]``, ``codes / min_dist [N, M]``.
 """
@@ -24,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 from equss.kernels import _config as C
+from equss.kernels.pq_segment_sum import segment_sum_triton
 
-__all__ = ["AssignConfig", "CONFIGS", "pick_config", "pq_assign", "pq_assign_fused", "compile_spec"]
+__all__ = ["AssignConfig", "CONFIGS", "pick_config", "pq_assign_triton", "pq_assign_gather_triton", "compile_spec"]
 
 
 @triton.jit
@@ -47,9 +47,11 @@ def _pq_assign_kernel(
     BLOCK_D: tl.constexpr,
     D_LOOP: tl.constexpr,  # Ds > BLOCK_D: loop over Ds chunks instead of keeping x in registers
     PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,  # interpreter only: bf16 tl.dot is wrong there, compute it in fp32
+    # Interpreter only: tl.dot runs as numpy matmul there, which neither rounds bf16 right nor gives
+    # bit-identical results for identical codewords at different positions; an explicit fp32
+    # product-and-sum does both (the GPU's FMA/MMA chains are identical per element by construction).
+    EXACT_DOT: tl.constexpr,
     FUSED: tl.constexpr,
-    NAN_TO_INF: tl.constexpr,  # interpreter only: its min-with-index is np.nanargmin, which raises on all-NaN rows
 ):
     pid_n = tl.program_id(0)
     m = tl.program_id(1).to(tl.int64)
@@ -66,8 +68,6 @@ def _pq_assign_kernel(
         xt = tl.load(x_rows[:, None] + d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
         xf = xt.to(tl.float32)
         x_sq = tl.sum(xf * xf, axis=1)
-        if UPCAST:
-            xt = xf
     else:
         x_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
         for d0 in range(0, Ds, BLOCK_D):
@@ -89,9 +89,10 @@ def _pq_assign_kernel(
             )
             cf = ct.to(tl.float32)
             c_sq = tl.sum(cf * cf, axis=1)
-            if UPCAST:
-                ct = cf
-            dots = tl.dot(xt, tl.trans(ct), input_precision=PRECISION)
+            if EXACT_DOT:
+                dots = tl.sum(xf[:, None, :] * cf[None, :, :], axis=2)
+            else:
+                dots = tl.dot(xt, tl.trans(ct), input_precision=PRECISION)
         else:
             dots = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
             c_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -108,18 +109,19 @@ def _pq_assign_kernel(
                 )
                 ccf = cc.to(tl.float32)
                 c_sq += tl.sum(ccf * ccf, axis=1)
-                if UPCAST:
-                    xc = xc.to(tl.float32)
-                    cc = ccf
-                dots = tl.dot(xc, tl.trans(cc), dots, input_precision=PRECISION)
-        # Padded codewords get +inf so they never win; with "dot", dist = -2·x·c keeps the argmin and its
-        # ties (a power-of-two scale is exact) and is halved once at the end.
-        bias = tl.where(k_mask, l2_weight * c_sq, float("inf"))
+                if EXACT_DOT:
+                    dots += tl.sum(xc.to(tl.float32)[:, None, :] * ccf[None, :, :], axis=2)
+                else:
+                    dots = tl.dot(xc, tl.trans(cc), dots, input_precision=PRECISION)
+        # Padded and invalid codewords (non-finite ||c||²) get +inf so they never win; with "dot",
+        # dist = -2·x·c keeps the argmin and its ties (a power-of-two scale is exact) and is halved once
+        # at the end.
+        c_ok = k_mask & (c_sq == c_sq) & (c_sq < float("inf"))
+        bias = tl.where(c_ok, l2_weight * c_sq, float("inf"))
         dist = bias[None, :] - 2.0 * dots
-        if NAN_TO_INF:
-            # On GPU the argmin combiner never prefers a NaN (NaN < v is false), so a NaN distance
-            # cannot win there either; this only makes the interpreter behave the same way.
-            dist = tl.where(dist != dist, float("inf"), dist)
+        # A NaN distance must never win: tl.min's combiner does not order NaN (and the interpreter's
+        # np.nanargmin raises on all-NaN rows), so NaN becomes +inf first.
+        dist = tl.where(dist != dist, float("inf"), dist)
         tile_best, tile_idx = tl.min(dist, axis=1, return_indices=True)
         better = tile_best < best  # strict: an equal distance in a later tile keeps the lower index
         best = tl.where(better, tile_best, best)
@@ -127,9 +129,13 @@ def _pq_assign_kernel(
 
     if l2_weight != 0.0:
         md = best + x_sq
-        md = tl.where(md < 0.0, 0.0, md)  # not tl.maximum: it would turn a NaN row's NaN into 0
+        md = tl.where(md < 0.0, 0.0, md)
     else:
         md = 0.5 * best
+    # An invalid row (non-finite ||x||²) gets code 0 and min_dist NaN (equss/ops/reference.py).
+    row_ok = (x_sq == x_sq) & (x_sq < float("inf"))
+    best_idx = tl.where(row_ok, best_idx, 0)
+    md = tl.where(row_ok, md, float("nan"))
     out = rows * M + m
     tl.store(codes_ptr + out, best_idx, mask=row_mask)
     tl.store(dist_ptr + out, md, mask=row_mask)
@@ -213,27 +219,12 @@ def pick_config(dtype: torch.dtype, Ds: int, precision: str, fused: bool) -> Ass
 def compile_spec(cfg: AssignConfig) -> tuple:
     """``(kernel, signature, constexprs, options)`` for ahead-of-time ``triton.compile`` of ``cfg``."""
     t = C.TRITON_TYPE[cfg.dtype]
-    signature = {
-        "x_ptr": f"*{t}",
-        "cb_ptr": f"*{t}",
-        "cbo_ptr": f"*{t}",
-        "codes_ptr": "*i32",
-        "dist_ptr": "*fp32",
-        "q_ptr": f"*{t}",
-        "err_ptr": "*fp32",
-        "N": "i32",
-        "M": "i32",
-        "K": "i32",
-        "Ds": "i32",
-        "l2_weight": "fp32",
-    }
-    constexprs = _constexprs(cfg, interpreted=False)
-    signature.update({name: "constexpr" for name in constexprs})
-    return (
+    return C.aot_spec(
         _pq_assign_kernel,
-        signature,
-        constexprs,
-        {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+        pointers={"x_ptr": t, "cb_ptr": t, "cbo_ptr": t, "codes_ptr": "i32", "dist_ptr": "fp32", "q_ptr": t, "err_ptr": "fp32"},
+        floats=("l2_weight",),
+        constexprs=_constexprs(cfg, interpreted=False),
+        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
     )
 
 
@@ -246,13 +237,8 @@ def _constexprs(cfg: AssignConfig, interpreted: bool) -> dict:
         "D_LOOP": cfg.D_LOOP,
         "PRECISION": cfg.precision,
         "FUSED": cfg.fused,
-        "UPCAST": interpreted and cfg.dtype == torch.bfloat16,
-        "NAN_TO_INF": interpreted,
+        "EXACT_DOT": interpreted,
     }
-
-
-# Last configuration each launcher used, for benchmarks' extra_info and debugging.
-last_config: dict[str, AssignConfig] = {}
 
 
 # ---------------------------------------------------------------------------------------- launchers
@@ -261,7 +247,6 @@ def _launch(x, codebooks, metric, codebooks_out, precision, fused):
     K = codebooks.shape[1]
     C.check_grid_dim(M, 65535, "M (subspaces, grid axis 1)")
     cfg = pick_config(x.dtype, Ds, precision, fused)
-    last_config["pq_assign_fused" if fused else "pq_assign"] = cfg
     codes = torch.empty(N, M, dtype=torch.int32, device=x.device)
     min_dist = torch.empty(N, M, dtype=torch.float32, device=x.device)
     if fused:
@@ -290,10 +275,10 @@ def _launch(x, codebooks, metric, codebooks_out, precision, fused):
     return codes, min_dist, q, err
 
 
-def pq_assign(
+def pq_assign_triton(
     x: torch.Tensor, codebooks: torch.Tensor, metric: str = "l2"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backend entry of ``pq_assign`` (inputs already validated and contiguous by :mod:`equss.ops.pq`).
+    """Triton backend of ``equss::pq_assign`` (inputs validated and contiguous by :mod:`equss.ops`).
 
     Args:
         x: ``[N, M, Ds]`` float16/bfloat16/float32/float64.
@@ -316,63 +301,39 @@ def _common_dtype(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.Tenso
     return x.to(dtype).contiguous(), codebooks.to(dtype).contiguous()
 
 
-def pq_assign_fused(
+def pq_assign_gather_triton(
     x: torch.Tensor,
     codebooks: torch.Tensor,
-    metric: str = "l2",
-    codebooks_out: torch.Tensor | None = None,
-    precision: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Assignment, gather and commitment partials in one launch (Triton only; no autograd).
+    codebooks_out: torch.Tensor,
+    metric: str,
+    stats_x: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backend of ``equss::pq_assign_gather`` (semantics: ``pq_assign_gather_ref``).
 
-    Equivalent to ``codes, min_dist = pq_assign(x, codebooks, metric)``,
-    ``quantized = pq_gather(codes, codebooks_out)`` and ``sq_err = ((x − quantized)²).sum(-1)``, but x is
-    read once and the N×M×Ds quantized tensor is written from the same program that chose the codes.
-
-    Args:
-        x: ``[N, M, Ds]`` float16/bfloat16/float32 (CUDA, or CPU under ``TRITON_INTERPRET=1``).
-        codebooks: ``[M, K, Ds]``, same dtype as ``x``; used for the distances (e.g. the l2-normalised
-            codewords in EQUSS).
-        metric: ``"l2"`` or ``"dot"``.
-        codebooks_out: ``[M, K, Ds]`` same dtype, the codewords written to ``quantized`` (EQUSS outputs the
-            raw, un-normalised codewords); defaults to ``codebooks``.
-        precision: fp32 matmul precision ``"ieee"`` | ``"tf32x3"`` | ``"tf32"``; default
-            ``$EQUSS_TRITON_PRECISION`` or ``"ieee"``. Ignored for half-precision inputs.
-
-    Returns:
-        ``codes [N, M]`` int32, ``min_dist [N, M]`` float32 (as :func:`pq_assign`),
-        ``quantized [N, M, Ds]`` in the dtype of ``codebooks_out`` (bit-exact codewords) and
-        ``sq_err [N, M]`` float32 ``= Σ_d (x − quantized)²`` accumulated in fp32: the commitment loss
-        ``mse(x, q)`` is ``sq_err.sum() / x.numel()``.
+    Assignment, gather and squared error in one launch: ``codes, min_dist`` as :func:`pq_assign_triton`,
+    ``quantized [N, M, Ds] = codebooks_out[m, codes]`` (bit-exact) and ``sq_err [N, M]`` are written by the
+    program that chose the codes, so x is read from memory once. The statistics (``counts [M, K]``, and
+    ``sums [M, K, Ds]`` of ``stats_x``) come from :func:`~equss.kernels.pq_segment_sum.segment_sum_triton`.
+    ``x``, ``codebooks`` and ``codebooks_out`` share one dtype among float16/bfloat16/float32.
     """
-    from equss.ops import validation as V
-
-    op = "pq_assign_fused"
-    x, codebooks = V.check_x_codebooks(x, codebooks, op)
-    metric = V.check_metric(metric, op)
-    if codebooks_out is None:
-        codebooks_out = codebooks
-    codebooks_out = V.check_codebooks(codebooks_out, op)
-    if codebooks_out.shape != codebooks.shape:
-        raise ValueError(
-            f"{op}: codebooks_out {tuple(codebooks_out.shape)} must match codebooks {tuple(codebooks.shape)}"
-        )
-    V.check_same_device(op, x=x, codebooks=codebooks, codebooks_out=codebooks_out)
-    dtypes = {x.dtype, codebooks.dtype, codebooks_out.dtype}
-    if len(dtypes) != 1 or x.dtype not in C.KERNEL_DTYPES:
-        raise TypeError(
-            f"{op}: x, codebooks and codebooks_out must share one dtype among float16/bfloat16/float32, got "
-            f"{x.dtype}, {codebooks.dtype}, {codebooks_out.dtype} (for float64 use pq_assign + pq_gather)"
-        )
-    if x.device.type != "cuda" and not C.interpreted():
-        raise RuntimeError(
-            f"{op}: Triton runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1), got {x.device}"
-        )
-    precision = C.resolve_precision(precision)
     N, M, Ds = x.shape
-    if N == 0:
-        empty = x.new_empty(0, M)
-        return empty.int(), empty.float(), codebooks_out.new_empty(0, M, Ds), empty.float()
-    return _launch(
-        x.contiguous(), codebooks.contiguous(), metric, codebooks_out.contiguous(), precision, fused=True
-    )
+    K = codebooks.shape[1]
+    if x.dtype == torch.float64:
+        # fp64 assigns in fp32 like the reference; the fp64 codewords are gathered bit-exactly.
+        from equss.kernels.pq_gather import pq_gather_triton
+
+        codes, min_dist = pq_assign_triton(x, codebooks, metric)
+        q = pq_gather_triton(codes, codebooks_out)
+        err = (x - q).square().sum(-1).float()
+    else:
+        codes, min_dist, q, err = _launch(x, codebooks, metric, codebooks_out, C.resolve_precision(None), fused=True)
+    keep = ~torch.isnan(min_dist)  # the valid rows of x
+    if stats_x is None:
+        src, sums_width = x, 0
+    else:
+        src, sums_width = stats_x, Ds
+        keep = keep & torch.isfinite(stats_x.float().square().sum(-1))  # valid rows of stats_x
+    sums, counts = segment_sum_triton(src, torch.where(keep, codes, -1), K, with_counts=True)
+    if stats_x is None:
+        sums = sums[..., :sums_width]
+    return codes, min_dist, q, err, counts, sums

@@ -46,15 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from equss.analysis import CodeHistogram, fit_product_kmeans, quantize, run_analyses
-    from equss.inference import load_run
-    from equss.train import evaluate_model
+    from equss.evaluate import evaluate_model
+    from equss.pipeline import load_run
 
     run = load_run(args.checkpoint, args.overrides, device=args.device, batch_size=args.batch_size)
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "analysis")
-    M, K = int(run.cfg.model.num_subspaces), int(run.cfg.model.codebook_size)
-    n_clusters = run.n_classes + int(run.cfg.model.extra_clusters)
+    M, K = run.cfg.model.num_subspaces, run.cfg.model.codebook_size
+    n_clusters = run.model.cluster_probe.n_clusters
 
-    metrics = evaluate_model(run.model, run.val_loader, run.featurize, run.n_classes, run.device,
+    metrics = evaluate_model(run.model, run.val.loader, run.featurize, run.n_classes, run.device,
                              n_clusters=n_clusters, desc="cluster accuracy")["cluster"]
 
     # Reference: the frozen backbone's continuous features, quantized by a product k-means codebook
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_reference:
         rows, n_rows = [], 0
         with torch.no_grad():
-            for batch in run.val_loader:
+            for batch in run.val.loader:
                 f = run.featurize(batch)
                 rows.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu())
                 n_rows += rows[-1].shape[0]
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hist = CodeHistogram(run.n_classes, M, K)
     with torch.no_grad():
-        for batch in tqdm(run.val_loader, desc="codes"):
+        for batch in tqdm(run.val.loader, desc="codes"):
             label = batch["label"].to(run.device)
             f = run.featurize(batch)
             hist.update(pixel_codes(run.model.encode(f).codes, label.shape[-2:]), label.reshape(-1))

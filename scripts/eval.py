@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from equss.evaluate import save_json
-    from equss.inference import load_run
+    from equss.evaluate import evaluate_model
+    from equss.io import save_json
     from equss.palettes import get_palette
-    from equss.train import evaluate_model
+    from equss.pipeline import load_run
     from equss.visualize import save_prediction_grid
 
     run = load_run(
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
     os.makedirs(out_dir, exist_ok=True)
-    n_clusters = run.n_classes + int(run.cfg.model.extra_clusters)
+    n_clusters = run.model.cluster_probe.n_clusters
     variants = [("no_crf", False)] + ([("crf", True)] if args.crf else [])
     summary: dict = {"checkpoint": os.path.abspath(args.checkpoint), "step": run.checkpoint["step"], "flip": args.flip}
     lines = [
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     kept = None
     for name, crf in variants:
         res = evaluate_model(
-            run.model, run.val_loader, run.featurize, run.n_classes, run.device, n_clusters=n_clusters,
+            run.model, run.val.loader, run.featurize, run.n_classes, run.device, n_clusters=n_clusters,
             crf=crf, crf_processes=args.crf_processes, flip=args.flip, desc=f"eval {name}", keep=not crf,
         )
         if not crf:
@@ -92,13 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         fh.write(table + "\n")
 
     if args.num_images > 0 and kept is not None:
-        n = min(args.num_images, len(run.val_dataset))
-        items = [run.val_dataset[i] for i in range(n)]
+        n = min(args.num_images, len(run.val.base))
+        items = [run.val.base[i] for i in range(n)]
         images = torch.stack([it["img"] for it in items])
         order = kept["index"].tolist()
         rows = [order.index(int(it["index"])) for it in items]
         cluster = cluster_metrics.map_predictions(kept["cluster"][rows])  # matched class, -1 = unmatched cluster
-        palette = get_palette(str(run.cfg.data.dataset), run.n_classes)
+        palette = get_palette(run.cfg.data.dataset, run.n_classes)
         path = save_prediction_grid(
             os.path.join(out_dir, "predictions.png"), images, kept["label"][rows], cluster, kept["linear"][rows],
             palette=palette, class_names=run.class_names, scale=2 if images.shape[-1] <= 160 else 1,

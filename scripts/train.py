@@ -11,7 +11,7 @@ Examples:
     torchrun --nproc_per_node 4 scripts/train.py --config configs/cityscapes_vitb8.yaml data.root=/data/cityscapes
     python scripts/train.py --resume runs/synthetic_demo/last.ckpt
 
-Any configuration key (see configs/base.yaml) can be overridden as key=value after the options.
+Any configuration key (docs/configuration.md; defaults in equss/config.py) can be overridden as key=value.
 """
 
 from __future__ import annotations
@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         from omegaconf import OmegaConf
 
-        print(OmegaConf.to_yaml(cfg, resolve=True))
+        from equss.config import config_to_dict
+
+        print(OmegaConf.to_yaml(config_to_dict(cfg)))
         return 0
 
     from equss.train import run

@@ -57,15 +57,15 @@ ARCH_LIMITS = {
         "blocks_per_sm": 32,
     },
 }
-KERNEL_MODULES = ("pq_assign", "pq_gather", "pq_ema")
 # The driver reserves 1 KB of shared memory per resident block (sm_80 and later).
 _RESERVED_SMEM_PER_BLOCK = 1024
 
 
 def kernel_configs() -> list[tuple[str, object]]:
     """``(module name, config)`` for every distinct configuration the launchers can pick."""
-    # importlib, not `from equss.kernels import pq_assign`: the package re-exports the *functions* of
-    # those names, which shadow the submodules as attributes.
+    # Imported here, not at module level: main() must drop TRITON_INTERPRET before triton is imported.
+    from equss.kernels import KERNEL_MODULES
+
     seen, out = set(), []
     for mod in (importlib.import_module(f"equss.kernels.{name}") for name in KERNEL_MODULES):
         for cfg in mod.CONFIGS:

@@ -27,16 +27,7 @@ from equss.evaluate import ConfusionMatrix
 from equss.palettes import colorize, generic_palette, get_palette, pascal_colormap
 from equss.visualize import save_prediction_grid
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads (and OpenMP spin-waits on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 def _hist(codes, labels, n_classes, K):
     h = CodeHistogram(n_classes, codes.shape[1], K)
     h.update(torch.as_tensor(codes), torch.as_tensor(labels))

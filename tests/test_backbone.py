@@ -55,7 +55,11 @@ def _timm_dense(vit: nn.Module, x: torch.Tensor, p: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ shapes
 
 
-@pytest.mark.parametrize("name,timm_name,p,c", VITS, ids=[v[0] for v in VITS])
+# The ViT-S/16 case runs in the quick loop; the larger or patch-8 ones (3-8 s each) are slow.
+_VIT_CASES = [pytest.param(*v, marks=[] if v[0] == "vit_small_patch16" else [pytest.mark.slow], id=v[0]) for v in VITS]
+
+
+@pytest.mark.parametrize("name,timm_name,p,c", _VIT_CASES)
 def test_random_init_shapes_224_and_320(name, timm_name, p, c):
     torch.manual_seed(0)
     bb = _build_random(name)

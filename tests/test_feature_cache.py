@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from equss.models import feature_cache as fc
-from equss.models.feature_cache import CachedFeatureDataset, FeatureCache, backbone_fingerprint
+from equss.data import feature_cache as fc
+from equss.data.feature_cache import CachedFeatureDataset, FeatureCache, backbone_fingerprint
 
 N_IMAGES, RES, C, P, BATCH = 7, 16, 5, 8, 3  # 7 images in batches of 3: a ragged last batch
 

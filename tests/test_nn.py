@@ -42,7 +42,7 @@ def brute_codes(x: torch.Tensor, codebooks: torch.Tensor, normalize: bool) -> to
 def set_codebooks(pq: ProductQuantizer, values: torch.Tensor) -> None:
     with torch.no_grad():
         pq.codebooks.copy_(values)
-    pq.initialized.fill_(True)
+    pq.codebook.initialized.fill_(True)
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -78,7 +78,7 @@ def test_forward_rejects_wrong_channel_count_and_dtype():
         pq(torch.ones(2, 32, 3, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="expected num_subspaces=4"):
         pq.codes_to_output(torch.zeros(2, 5, 3, 3, dtype=torch.int32))
-    assert ProductQuantizer(32, 4, 16, init="uni").init == "xavier"  # the authors' config name
+    assert ProductQuantizer(32, 4, 16, init="uni").codebook.init == "xavier"  # the authors' config name
 
 
 def test_equss_preset_is_the_paper_setting():
@@ -91,7 +91,7 @@ def test_equss_preset_is_the_paper_setting():
         "raw",
         "param",
     )
-    assert (pq.beta, pq.codebook_weight, pq.init, pq.dead_code_steps) == (0.25, 1.0, "xavier", 0)
+    assert (pq.beta, pq.codebook_weight, pq.codebook.init, pq.codebook.dead_code_steps) == (0.25, 1.0, "xavier", 0)
     assert isinstance(pq.codebooks, torch.nn.Parameter)
 
 
@@ -273,7 +273,7 @@ def test_decay_zero_ema_equals_batch_cluster_means(normalize, ema_sums):
     assert used.sum() >= 8
     # Laplace smoothing divides by (n_k + eps)/(N + K·eps)·N instead of n_k: relative change < 1e-4 here.
     torch.testing.assert_close(pq.codebooks.double()[used], means[used], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(pq.cluster_size.double(), n)
+    torch.testing.assert_close(pq.codebook.cluster_size.double(), n)
     torch.testing.assert_close(out.stats.counts.double(), n)
 
 
@@ -285,8 +285,8 @@ def test_ema_decay_blends_with_history():
     pq(a)
     pq(a + 1.0)  # still code 0 (1.5 is closer to 0 than to 5)
     # cluster_size = 0.25·4 then 0.75·1 + 0.25·4 = 1.75; embed_sum = 0.75·(0.25·2) + 0.25·6 = 1.875 per elem.
-    torch.testing.assert_close(pq.cluster_size[0, 0], torch.tensor(1.75))
-    torch.testing.assert_close(pq.embed_sum[0, 0], torch.full((8,), 1.875))
+    torch.testing.assert_close(pq.codebook.cluster_size[0, 0], torch.tensor(1.75))
+    torch.testing.assert_close(pq.codebook.embed_sum[0, 0], torch.full((8,), 1.875))
     torch.testing.assert_close(pq.codebooks[0, 0], torch.full((8,), 1.875 / 1.75), rtol=1e-4, atol=0)
 
 
@@ -306,7 +306,7 @@ def test_dead_code_is_reseeded_and_used_next_step(learning, seed_mode):
     x[7] += 2.0  # the single worst-quantized row
     out = pq(x)
     assert out.stats.counts[0, 3] == 0
-    assert int(out.stats.num_reseeded) == 1 and int(pq.num_reseeded) == 1
+    assert int(out.stats.num_reseeded) == 1 and int(pq.codebook.num_reseeded) == 1
     new = pq.codebooks.detach()[0, 3]
     matches = (x == new).all(dim=1)
     assert matches.sum() == 1, "the dead code must be re-seeded with one of the current input vectors"
@@ -314,7 +314,7 @@ def test_dead_code_is_reseeded_and_used_next_step(learning, seed_mode):
         d = torch.cdist(x.double(), centres.double()).min(dim=1).values
         assert torch.equal(new, x[d.argmax()])
     if learning == "ema":
-        assert pq.cluster_size[0, 3] == 1.0 and torch.equal(pq.embed_sum[0, 3], new)
+        assert pq.codebook.cluster_size[0, 3] == 1.0 and torch.equal(pq.codebook.embed_sum[0, 3], new)
     nxt = pq(x)
     assert nxt.stats.counts[0, 3] >= 1 and int(nxt.stats.num_reseeded) == 0
 
@@ -326,7 +326,7 @@ def test_dead_code_needs_the_configured_number_of_unused_steps():
     steps = [int(pq(x).stats.num_reseeded) for _ in range(3)]
     # codes 1, 2 and 3 are never chosen (x = 0 → code 0): they expire together at step 3.
     assert steps == [0, 0, 3]
-    assert torch.equal(pq.steps_unused, torch.tensor([[0, 0, 0, 0]]))
+    assert torch.equal(pq.codebook.steps_unused, torch.tensor([[0, 0, 0, 0]]))
 
 
 # --------------------------------------------------------------------------------------- init / state
@@ -340,7 +340,7 @@ def test_eval_mode_leaves_buffers_untouched():
         assert before.keys() == after.keys()
         for key in before:
             assert torch.equal(before[key], after[key]), (learning, key)
-        assert not bool(pq.initialized)
+        assert not bool(pq.codebook.initialized)
 
 
 def test_xavier_init_at_first_training_forward():
@@ -350,7 +350,7 @@ def test_xavier_init_at_first_training_forward():
     bound = (6.0 / (256 + 32)) ** 0.5  # ≈ 0.144, the spec's number
     cb = pq.codebooks.detach()
     assert cb.abs().max() <= bound and cb.abs().max() > 0.95 * bound
-    assert bool(pq.initialized)
+    assert bool(pq.codebook.initialized)
 
 
 @pytest.mark.parametrize("learning", ["param", "ema"])
@@ -382,7 +382,7 @@ def test_state_dict_round_trip_and_no_reinit_on_resume():
         fresh.load_state_dict(state)
         for key, value in fresh.state_dict().items():
             assert torch.equal(value, state[key]), key
-        assert bool(fresh.initialized)
+        assert bool(fresh.codebook.initialized)
         torch.manual_seed(1)
         a = pq(x)
         torch.manual_seed(1)
@@ -398,9 +398,9 @@ def test_loading_an_uninitialised_state_initialises_again():
     trained = pq.codebooks.detach().clone()
     blank = ProductQuantizer(32, 4, 16, init="xavier").state_dict()
     pq.load_state_dict(blank)
-    assert not bool(pq.initialized)
+    assert not bool(pq.codebook.initialized)
     pq(torch.randn(8, 32))
-    assert bool(pq.initialized)
+    assert bool(pq.codebook.initialized)
     bound = (6.0 / (16 + 8)) ** 0.5
     assert pq.codebooks.detach().abs().max() > 1.0 / 16  # re-drawn in ±bound, not the ±1/K placeholder
     assert pq.codebooks.detach().abs().max() <= bound and not torch.equal(pq.codebooks.detach(), trained)
@@ -417,8 +417,8 @@ def test_autocast_keeps_assignment_and_ema_in_fp32():
     expected = ref(x.float())
     assert out.quantized.dtype == torch.bfloat16
     assert torch.equal(out.codes, expected.codes)
-    assert pq.codebooks.dtype == pq.embed_sum.dtype == pq.cluster_size.dtype == torch.float32
-    assert torch.equal(pq.codebooks, ref.codebooks) and torch.equal(pq.embed_sum, ref.embed_sum)
+    assert pq.codebooks.dtype == pq.codebook.embed_sum.dtype == pq.codebook.cluster_size.dtype == torch.float32
+    assert torch.equal(pq.codebooks, ref.codebooks) and torch.equal(pq.codebook.embed_sum, ref.codebook.embed_sum)
 
 
 def test_no_collective_without_process_group(monkeypatch):

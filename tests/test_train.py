@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from equss.checkpoint import CheckpointMismatchError, load_checkpoint
-from equss.config import load_config
+from equss.config import ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +22,6 @@ TINY = [
     "data.synthetic.num_train=48",
     "data.synthetic.num_val=12",
     "data.synthetic.num_classes=3",
-    "data.synthetic.res=64",
     "data.train_res=64",
     "data.val_res=64",
     "data.batch_size=8",
@@ -44,15 +43,7 @@ def _cfg(tmp_path, *extra):
     return load_config(None, [*TINY, f"output_dir={tmp_path / 'run'}", f"backbone.cache_dir={tmp_path / 'cache'}", *extra])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: thread start-up costs more than it saves on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 def _read_csv(path):
     import csv
 
@@ -108,8 +99,8 @@ def test_without_feature_cache_runs_the_backbone(tmp_path):
     from equss.train import Trainer
 
     t = Trainer(_cfg(tmp_path, "backbone.cache_features=false", "optim.max_steps=2"))
-    batch = next(iter(t.train_loader))
-    f = t.featurize(batch, key="img")
+    batch = next(iter(t.data.loader))
+    f = t.featurize(batch, "img")
     assert f.shape[1] == t.backbone.embed_dim and f.shape[-1] == batch["img"].shape[-1] // t.backbone.patch_size
     t.fit()
     assert (tmp_path / "run" / "last.ckpt").is_file()
@@ -119,10 +110,10 @@ def test_holdout_selection_never_trains_on_held_out_anchors(tmp_path):
     from equss.train import Trainer
 
     t = Trainer(_cfg(tmp_path, "eval.select_on=holdout", "eval.holdout_fraction=0.25", "optim.max_steps=3"))
-    held = set(t.holdout_loader.dataset.indices)
+    held = set(t.data.holdout_loader.dataset.indices)
     assert len(held) == 12  # 25% of 48
-    t.sampler.set_epoch(0)
-    anchors = set(iter(t.sampler))
+    t.data.sampler.set_epoch(0)
+    anchors = set(iter(t.data.sampler))
     assert anchors and not (anchors & held)
     result = t.fit()
     assert result["selected"]["select_on"] == "holdout"
@@ -166,10 +157,11 @@ def test_missing_dataset_fails_early(tmp_path):
 
 
 def test_unknown_config_key_is_an_error():
-    with pytest.raises(KeyError, match="lrr"):
+    with pytest.raises(ConfigError, match="lrr"):
         load_config(None, ["optim.lrr=1"])
 
 
+@pytest.mark.slow
 def test_eval_and_analyze_scripts_reproduce_the_run(tmp_path):
     """scripts/eval.py on the run's best checkpoint prints the numbers the training run reported."""
     from equss.train import run
@@ -197,6 +189,7 @@ def test_eval_and_analyze_scripts_reproduce_the_run(tmp_path):
     assert all(v is None or v >= 0 for v in values)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_torchrun_two_processes_gloo(tmp_path):
     """A real 2-process DDP run on CPU (gloo): trains, checkpoints from rank 0 only, and finishes."""

@@ -1,9 +1,9 @@
 """Ahead-of-time compilation of every Triton kernel configuration for sm_90 and sm_80, without a GPU.
 
 ``scripts/triton_resources.py`` compiles each configuration in the kernel modules' ``CONFIGS`` (exactly
-the set their launchers can pick; ``test_triton.py::test_launchers_only_pick_precompiled_configs``
-checks that) to PTX and a cubin, and reads the resources with the ``cuobjdump`` bundled in Triton. This
-test fails on a compile error, on register spills (STACK or LOCAL > 0) and on shared memory above the
+the set their launchers can pick; ``test_triton.py::test_pick_config_only_returns_precompiled_configs``
+and ``::test_launchers_use_pick_config`` check that) to PTX and a cubin, and reads the resources with
+the ``cuobjdump`` bundled in Triton. The compile test (marked ``slow``) fails on a compile error, on register spills (STACK or LOCAL > 0) and on shared memory above the
 architecture's per-block opt-in limit (227 KB sm_90, 163 KB sm_80).
 
 It runs the script in a subprocess without ``TRITON_INTERPRET``: under the interpreter (which the root
@@ -64,6 +64,7 @@ def test_problems_flags_spills_and_shared_memory():
     assert "compile error" in TR.problems({"ok": False, "error": "boom"})[0]
 
 
+@pytest.mark.slow  # 1–3 minutes cold (module docstring); deselect with -m 'not slow'
 def test_every_config_compiles_for_sm90_and_sm80_without_spills(tmp_path):
     out = tmp_path / "resources.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -16,7 +16,6 @@ interrupted run can simply be restarted. A ``done.json`` with the number of crop
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from PIL import Image
 
 from equss.data.base import SegmentationDataset, read_label_png, require_dir
 from equss.data.imagefolder import decode_label
+from equss.io import atomic_write
 
 NUM_CROPS = 5
 
@@ -53,12 +53,6 @@ def five_crop_arrays(img: Image.Image, label: np.ndarray | None, crop_ratio: flo
     return [(c, lc.numpy()) for c, lc in zip(img_crops, lab_crops)]
 
 
-def _atomic_save(save, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    save(tmp)
-    os.replace(tmp, path)
-
-
 class _CropWriter(torch.utils.data.Dataset):
     """Item ``i`` writes the crops of source image ``i`` (DataLoader workers parallelise the writing)."""
 
@@ -82,10 +76,10 @@ class _CropWriter(torch.utils.data.Dataset):
             if cl.max(initial=-1) >= 255:
                 raise ValueError(f"label value {int(cl.max())} of image {i} does not fit 'class + 1' in uint8")
             if not img_path.is_file():
-                _atomic_save(lambda t, ci=ci: ci.save(t, format="JPEG", quality=self.quality), img_path)
+                atomic_write(img_path, lambda fh, ci=ci: ci.save(fh, format="JPEG", quality=self.quality))
             if not lab_path.is_file():
                 enc = Image.fromarray((cl + 1).astype(np.uint8))
-                _atomic_save(lambda t, enc=enc: enc.save(t, format="PNG"), lab_path)
+                atomic_write(lab_path, lambda fh, enc=enc: enc.save(fh, format="PNG"))
             written += 1
         return written
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from equss.io import atomic_write
+
 DEFAULT_K = 30
 
 
@@ -167,16 +169,12 @@ def save_knn(
     nns = np.asarray(nns)
     if nns.ndim != 2 or not np.issubdtype(nns.dtype, np.integer):
         raise ValueError(f"save_knn: nns must be an int array [N, k], got {nns.dtype} {nns.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(
-        tmp, nns=nns.astype(np.int64), num_images=np.int64(nns.shape[0]), model=np.str_(model),
+    fields = dict(
+        nns=nns.astype(np.int64), num_images=np.int64(nns.shape[0]), model=np.str_(model),
         dataset=np.str_(dataset), split=np.str_(split), crop=np.str_(str(crop)), res=np.int64(res),
         weights=np.str_(weights),
     )
-    tmp.replace(path)  # a killed run never leaves a truncated file under the final name
-    return path
+    return atomic_write(path, lambda fh: np.savez(fh, **fields))  # never a truncated file under the final name
 
 
 def load_knn(

@@ -28,7 +28,7 @@ Design
   across the frequency-defined classes), colour contrast ≥ 0.1 (RGB distance, so some regions are faint),
   pixel noise σ = 0.08, orientation ±10° and period ±15 % jitter.
 
-Measured (``python -m equss.data.baselines``: 600 train / 100 val images, 112×112, 5 classes, 8×8
+Measured (``python scripts/synthetic_baselines.py``: 600 train / 100 val images, 112×112, 5 classes, 8×8
 patches, k-means K = 5 best of 5 k-means++ inits + Hungarian, pixel accuracy on val; seed 0 / seed 10):
 
 =====================================================  =============  =============
@@ -53,6 +53,7 @@ import numpy as np
 from PIL import Image
 
 from equss.data.base import SegmentationDataset
+from equss.io import atomic_write
 
 # --------------------------------------------------------------------------------------------------
 # Texture catalogue. Each texture maps (rng, X, Y) -> t in [0, 1] with the shape of X; X, Y are the
@@ -264,9 +265,8 @@ class SyntheticScenes(SegmentationDataset):
             with np.load(path) as f:
                 return f["img"], f["label"].astype(np.int64)
         img, label = generate_scene(self.seed, self.split, index, self.res, self.num_classes)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, img=img, label=label.astype(np.uint8))
-        tmp.replace(path)  # atomic: a killed run never leaves a truncated cache entry
+        # Atomic: a killed run never leaves a truncated cache entry.
+        atomic_write(path, lambda fh: np.savez_compressed(fh, img=img, label=label.astype(np.uint8)))
         return img, label
 
     def load_raw(self, index: int) -> tuple[Image.Image, np.ndarray]:
@@ -277,36 +277,3 @@ class SyntheticScenes(SegmentationDataset):
 # --------------------------------------------------------------------------------------------------
 # Baselines: chance levels, k-means + Hungarian on pixel colour means and on demo-featurizer features.
 # --------------------------------------------------------------------------------------------------
-
-
-def chance_levels(labels: np.ndarray, num_classes: int) -> dict[str, float]:
-    """Chance accuracies (fractions) for labels ``[...]`` (ignore < 0):
-
-    * ``majority``: predict the most frequent class everywhere (what a constant prediction gets after
-      Hungarian matching);
-    * ``uniform``: expected accuracy of uniformly random per-pixel predictions, ``1 / num_classes``.
-    """
-    valid = labels[labels >= 0]
-    counts = np.bincount(valid.ravel(), minlength=num_classes)
-    return {"majority": float(counts.max() / max(counts.sum(), 1)), "uniform": 1.0 / num_classes}
-
-
-def hungarian_accuracy(pred: np.ndarray, target: np.ndarray, num_classes: int) -> float:
-    """Pixel accuracy after the one-to-one cluster → class matching that maximises matched pixels.
-
-    ``pred`` (cluster ids in ``[0, num_classes)``) and ``target`` (class ids, < 0 ignored) have the same
-    shape. Minimal helper for the baselines here; :mod:`equss.evaluate` has the full metrics.
-    """
-    from scipy.optimize import linear_sum_assignment
-
-    pred = np.asarray(pred).ravel()
-    target = np.asarray(target).ravel()
-    if pred.shape != target.shape:
-        raise ValueError(f"hungarian_accuracy: pred {pred.shape} and target {target.shape} differ")
-    keep = target >= 0
-    pred, target = pred[keep], target[keep]
-    conf = np.bincount(pred * num_classes + target, minlength=num_classes * num_classes).reshape(
-        num_classes, num_classes
-    )
-    rows, cols = linear_sum_assignment(conf, maximize=True)
-    return float(conf[rows, cols].sum() / max(conf.sum(), 1))

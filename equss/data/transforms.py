@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from equss.normalization import IMAGENET_MEAN, IMAGENET_STD
+
 IGNORE_INDEX = -1
 
 

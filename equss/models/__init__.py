@@ -1,17 +1,10 @@
-"""EQUSS models: the frozen backbone (timm DINO ViTs, local DINO checkpoints) and its on-disk feature cache.
+"""EQUSS models: the frozen backbone (timm DINO ViTs, local DINO checkpoints), the demo backbone and
+:class:`EQUSSModel` (expansion head → product quantizer → probes).
 
 timm is imported lazily by :func:`build_backbone`, so importing this package stays cheap.
 """
 
 from equss.models.backbone import BACKBONES, FrozenBackbone, build_backbone, load_dino_state_dict
-from equss.models.feature_cache import CachedFeatureDataset, FeatureCache, backbone_fingerprint
+from equss.models.equss_model import EQUSSModel
 
-__all__ = [
-    "BACKBONES",
-    "FrozenBackbone",
-    "build_backbone",
-    "load_dino_state_dict",
-    "FeatureCache",
-    "CachedFeatureDataset",
-    "backbone_fingerprint",
-]
+__all__ = ["BACKBONES", "EQUSSModel", "FrozenBackbone", "build_backbone", "load_dino_state_dict"]

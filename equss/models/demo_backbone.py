@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
+from equss.normalization import IMAGENET_MEAN, IMAGENET_STD
+
 # Bump when the features change in a way no constructor argument shows (the feature cache and the kNN
 # files key on it, through ``version`` and the backbone's ``weights_id``).
 DEMO_VERSION = 2
@@ -99,8 +99,8 @@ class DemoBackbone(nn.Module):
         )
         self.num_filters = len(self.wavelengths) * self.orientations
         self.embed_dim = 2 * self.num_filters + 6
-        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self._bank_cache: dict[tuple[int, int, torch.device], Tensor] = {}
         self.requires_grad_(False)
         self.eval()

@@ -9,15 +9,17 @@ model can train on cached backbone features (EQUSS_SPEC §1):
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from equss.evaluate import ClusterProbe, LinearProbe, upsample_to
 from equss.losses import StegoCorrespondenceLoss
 from equss.nn import ExpansionHead, ProductQuantizer
+from equss.nn.probes import ClusterProbe, LinearProbe, upsample_to
 from equss.nn.quantizer import PQStats
 
 __all__ = ["EQUSSModel", "EQUSSOutput", "TrainOutput"]
@@ -46,7 +48,10 @@ class EQUSSModel(nn.Module):
         num_subspaces: M. codebook_size: K.
         dropout: Dropout2d probability on the backbone feature map during training.
         extra_clusters: cluster-probe centroids beyond ``n_classes``.
-        **pq_kwargs: passed to :class:`equss.nn.ProductQuantizer` (learning, normalize, beta, init, ...).
+        cluster_init: ``"randn"`` (STEGO/EQUSS) or ``"kmeans"`` (centroids from k-means on the first
+            training batch's codes).
+        quantizer: keyword arguments of :class:`equss.nn.ProductQuantizer` (``learning``, ``normalize``,
+            ``beta``, ``init``, ...); its defaults are the paper's head.
     """
 
     def __init__(
@@ -59,7 +64,7 @@ class EQUSSModel(nn.Module):
         dropout: float = 0.1,
         extra_clusters: int = 0,
         cluster_init: str = "randn",
-        **pq_kwargs,
+        quantizer: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if cluster_init not in ("randn", "kmeans"):
@@ -72,33 +77,15 @@ class EQUSSModel(nn.Module):
         # The dropped-out features feed both the head and the STEGO loss, so the model applies the head's
         # dropout itself and then calls head.project (EQUSS_SPEC §1).
         self.head = ExpansionHead(in_dim, dim, dropout=dropout)
-        self.quantizer = ProductQuantizer(dim, num_subspaces, codebook_size, channel_dim=1, **pq_kwargs)
+        self.quantizer = ProductQuantizer(dim, num_subspaces, codebook_size, channel_dim=1, **dict(quantizer or {}))
         self.cluster_probe = ClusterProbe(dim, n_classes, extra_clusters=extra_clusters)
         self.linear_probe = LinearProbe(dim, n_classes)
 
     @classmethod
     def from_config(cls, model_cfg, in_dim: int, n_classes: int) -> EQUSSModel:
-        """Build from the ``model`` section of a training config (configs/base.yaml)."""
-        m = model_cfg
-        return cls(
-            in_dim=in_dim,
-            n_classes=n_classes,
-            dim=int(m.dim),
-            num_subspaces=int(m.num_subspaces),
-            codebook_size=int(m.codebook_size),
-            dropout=float(m.dropout),
-            extra_clusters=int(m.extra_clusters),
-            cluster_init=str(m.cluster_init),
-            learning=str(m.vq_type),
-            normalize=str(m.normalize),
-            beta=float(m.beta),
-            codebook_weight=float(m.book_weight),
-            init=str(m.init),
-            output=str(m.output),
-            decay=float(m.ema_decay),
-            eps=float(m.ema_eps),
-            dead_code_steps=int(m.dead_code_steps),
-        )
+        """Build from the ``model`` section of a :class:`equss.config.TrainConfig` (its keys are this
+        constructor's arguments)."""
+        return cls(in_dim=in_dim, n_classes=n_classes, **asdict(model_cfg))
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters trained by the main optimiser (and clipped): expansion head + codebooks."""

@@ -15,7 +15,6 @@ The EQUSS paper's quantization head (``shared/EQUSS_SPEC.md`` §4) is the defaul
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -24,24 +23,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from equss.nn import distributed as D
-from equss.ops import pq_assign, pq_cluster_stats, pq_ema_apply_, pq_ema_update_, pq_gather
+from equss.nn.codebook import NORM_EPS, PQCodebook, choice
+from equss.ops import pq_assign, pq_gather
 
 __all__ = ["PQOutput", "PQStats", "ProductQuantizer"]
 
 NORMALIZE = ("l2", "none")
 OUTPUTS = ("raw", "normalized")
-LEARNING = ("param", "ema")
-INITS = ("xavier", "kmeans", "random", "none")
-EMA_SUMS = ("raw", "normalized")
-DEAD_CODE_SEEDS = ("random", "farthest")
-# The authors' config names, accepted so their YAML values can be passed through unchanged.
-_INIT_ALIASES = {"uni": "xavier", "rand": "random"}
-
-# F.normalize's default; the authors' code uses it for both x and the codewords.
-_NORM_EPS = 1e-12
-# Floor for k-means++ weights: rows that coincide with a chosen seed keep a negligible but non-zero
-# chance, so K > (number of distinct rows) still yields K seeds (duplicates) instead of failing.
-_MIN_SEED_WEIGHT = 1e-30
+_NORM_EPS = NORM_EPS
+# State-dict entries that moved into the ``codebook`` submodule (checkpoint format 1 had them here).
+_CODEBOOK_STATE = ("codebooks", "cluster_size", "embed_sum", "initialized", "total_counts", "steps_unused",
+                   "num_reseeded")
 
 
 class PQStats(NamedTuple):
@@ -84,16 +76,16 @@ class PQOutput(NamedTuple):
     stats: PQStats
 
 
-def _choice(value: object, allowed: tuple[str, ...], name: str, aliases: dict[str, str] | None = None) -> str:
-    if isinstance(value, str) and aliases and value in aliases:
-        value = aliases[value]
-    if value not in allowed:
-        raise ValueError(f"ProductQuantizer: unknown {name} {value!r}; expected one of {allowed}")
-    return value  # type: ignore[return-value]
-
-
 def _recheck_initialized(module: ProductQuantizer, incompatible_keys) -> None:
     module._init_checked = False
+
+
+def _move_codebook_state(state_dict, prefix, *args) -> None:
+    """Load a state dict of checkpoint format 1, whose codebook tensors sat on the quantizer itself."""
+    for name in _CODEBOOK_STATE:
+        old = prefix + name
+        if old in state_dict and prefix + "codebook." + name not in state_dict:
+            state_dict[prefix + "codebook." + name] = state_dict.pop(old)
 
 
 class _L2Normalize(torch.autograd.Function):
@@ -235,14 +227,6 @@ class ProductQuantizer(nn.Module):
         loss = task_loss(out.quantized) + out.loss
     """
 
-    codebooks: Tensor
-    initialized: Tensor
-    total_counts: Tensor
-    steps_unused: Tensor
-    num_reseeded: Tensor
-    cluster_size: Tensor
-    embed_sum: Tensor
-
     def __init__(
         self,
         dim: int,
@@ -283,25 +267,12 @@ class ProductQuantizer(nn.Module):
             )
         if not isinstance(channel_dim, int) or isinstance(channel_dim, bool):
             raise TypeError(f"ProductQuantizer: channel_dim must be an int, got {channel_dim!r}")
-        self.normalize = _choice(normalize, NORMALIZE, "normalize")
-        self.output = _choice(output, OUTPUTS, "output")
-        self.learning = _choice(learning, LEARNING, "learning")
-        self.ema_sums = _choice(ema_sums, EMA_SUMS, "ema_sums")
-        self.init = _choice(init, INITS, "init", _INIT_ALIASES)
-        self.dead_code_seed = _choice(dead_code_seed, DEAD_CODE_SEEDS, "dead_code_seed")
+        self.normalize = choice(normalize, NORMALIZE, "normalize")
+        self.output = choice(output, OUTPUTS, "output")
         if not beta >= 0.0 or not codebook_weight >= 0.0:
             raise ValueError(
                 f"ProductQuantizer: beta and codebook_weight must be >= 0, got {beta}, {codebook_weight}"
             )
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"ProductQuantizer: decay must be in [0, 1], got {decay}")
-        if not eps > 0.0:
-            raise ValueError(f"ProductQuantizer: eps must be > 0 (Laplace smoothing), got {eps}")
-        if int(kmeans_iters) < 0 or int(dead_code_steps) < 0:
-            raise ValueError(
-                f"ProductQuantizer: kmeans_iters and dead_code_steps must be >= 0, got {kmeans_iters}, {dead_code_steps}"
-            )
-
         self.dim = dim
         self.num_subspaces = num_subspaces
         self.codebook_size = codebook_size
@@ -309,66 +280,50 @@ class ProductQuantizer(nn.Module):
         self.channel_dim = channel_dim
         self.beta = float(beta)
         self.codebook_weight = float(codebook_weight)
-        self.decay = float(decay)
-        self.eps = float(eps)
-        self.kmeans_iters = int(kmeans_iters)
-        self.dead_code_steps = int(dead_code_steps)
         self.process_group = process_group
         self.metric = "dot" if self.normalize == "l2" else "l2"
-
-        M, K, Ds = num_subspaces, codebook_size, self.subspace_dim
-        # The authors' nn.Embedding starts uniform in ±1/K; the real initialisation happens at the first
-        # training forward (``init``).
-        codebooks = torch.empty(M, K, Ds).uniform_(-1.0 / K, 1.0 / K)
-        if self.learning == "param":
-            self.codebooks = nn.Parameter(codebooks)
-        else:
-            self.register_buffer("codebooks", codebooks)
-            self.register_buffer("cluster_size", torch.zeros(M, K))
-            self.register_buffer("embed_sum", torch.zeros(M, K, Ds))
-        self.register_buffer("initialized", torch.tensor(self.init == "none"))
-        self.register_buffer("total_counts", torch.zeros(M, K, dtype=torch.int64))
-        self.register_buffer("steps_unused", torch.zeros(M, K, dtype=torch.int64))
-        self.register_buffer("num_reseeded", torch.zeros((), dtype=torch.int64))
+        self.codebook = PQCodebook(
+            num_subspaces, codebook_size, self.subspace_dim, learning=learning, normalize=self.normalize,
+            decay=decay, eps=eps, ema_sums=ema_sums, init=init, kmeans_iters=kmeans_iters,
+            dead_code_steps=dead_code_steps, dead_code_seed=dead_code_seed, process_group=process_group,
+        )
+        self.learning = self.codebook.learning
         # Python mirror of ``initialized`` once seen True; a loaded state dict may say otherwise.
         self._init_checked = False
+        self._register_load_state_dict_pre_hook(_move_codebook_state)
         self.register_load_state_dict_post_hook(_recheck_initialized)
+
+    @property
+    def codebooks(self) -> Tensor:
+        """``[M, K, Ds]`` codewords (``self.codebook.codebooks``; a parameter for ``learning="param"``)."""
+        return self.codebook.codebooks
+
+    def __setattr__(self, name: str, value) -> None:
+        # ``pq.codebooks -= step`` assigns the (in-place updated) tensor back; nn.Module would try to
+        # register it as a new parameter. Anything but that same tensor would silently detach the
+        # codebooks from their optimiser.
+        if name == "codebooks":
+            if value is not self.codebook.codebooks:
+                raise AttributeError(
+                    "ProductQuantizer.codebooks cannot be replaced; update it in place (pq.codebooks.copy_(values))"
+                )
+            return
+        super().__setattr__(name, value)
 
     @classmethod
     def equss(
         cls, dim: int = 1024, num_subspaces: int = 32, codebook_size: int = 256, **kwargs
     ) -> ProductQuantizer:
-        """The EQUSS head (spec §4): ``[B, D, H, W]`` input, l2, raw output, ``param``, β 0.25, xavier init."""
-        config = dict(
-            channel_dim=1,
-            normalize="l2",
-            output="raw",
-            learning="param",
-            beta=0.25,
-            codebook_weight=1.0,
-            init="xavier",
-            dead_code_steps=0,
-        )
-        config.update(kwargs)
-        return cls(dim, num_subspaces, codebook_size, **config)
+        """The EQUSS head: ``[B, D, H, W]`` input (``channel_dim=1``); every other default is the paper's."""
+        return cls(dim, num_subspaces, codebook_size, **{"channel_dim": 1, **kwargs})
 
     def extra_repr(self) -> str:
         parts = [
             f"dim={self.dim}, num_subspaces={self.num_subspaces}, codebook_size={self.codebook_size}, "
             f"subspace_dim={self.subspace_dim}, channel_dim={self.channel_dim}",
-            f"normalize={self.normalize!r} (metric {self.metric!r}), output={self.output!r}, learning={self.learning!r}",
-            f"beta={self.beta}"
-            + (f", codebook_weight={self.codebook_weight}" if self.learning == "param" else ""),
+            f"normalize={self.normalize!r} (metric {self.metric!r}), output={self.output!r}",
+            f"beta={self.beta}" + (f", codebook_weight={self.codebook_weight}" if self.learning == "param" else ""),
         ]
-        if self.learning == "ema":
-            parts.append(f"decay={self.decay}, eps={self.eps}, ema_sums={self.ema_sums!r}")
-        parts.append(
-            f"init={self.init!r}" + (f", kmeans_iters={self.kmeans_iters}" if self.init == "kmeans" else "")
-        )
-        if self.dead_code_steps > 0:
-            parts.append(f"dead_code_steps={self.dead_code_steps}, dead_code_seed={self.dead_code_seed!r}")
-        else:
-            parts.append("dead_code_steps=0 (off)")
         return ",\n".join(parts)
 
     # ----------------------------------------------------------------------------------------- layout
@@ -404,16 +359,9 @@ class ProductQuantizer(nn.Module):
         width = self.dim if t.dim() == 3 else self.num_subspaces
         return t.reshape(*lead, width).movedim(-1, axis)
 
-    # ------------------------------------------------------------------------------------------ spaces
-    def _to_assign_space(self, v: Tensor) -> Tensor:
-        return F.normalize(v, dim=-1, eps=_NORM_EPS) if self.normalize == "l2" else v
-
     def _assign(self, x_hat: Tensor, codebooks: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
-            return pq_assign(x_hat.detach(), self._to_assign_space(codebooks.detach()), self.metric)
-
-    def _world(self) -> int:
-        return D.world_size(self.process_group)
+            return pq_assign(x_hat.detach(), self.codebook.assign_space(codebooks.detach()), self.metric)
 
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> PQOutput:
@@ -432,8 +380,8 @@ class ProductQuantizer(nn.Module):
             x_hat = _L2Normalize.apply(xf) if self.normalize == "l2" else xf
             training = self.training
             if training and not self._init_checked:
-                if not bool(self.initialized):  # a device sync, so only until it has been seen True
-                    self._initialize(xf.detach(), x_hat.detach())
+                if not bool(self.codebook.initialized):  # a device sync, so only until it has been seen True
+                    self.codebook.initialize_(xf.detach(), x_hat.detach())
                 self._init_checked = True
 
             codes, min_dist = self._assign(x_hat, self.codebooks)
@@ -444,20 +392,18 @@ class ProductQuantizer(nn.Module):
             loss = loss.float()
 
             with torch.no_grad():
+                cb = self.codebook
                 if training and self.learning == "ema":
-                    counts = self._ema_step(xf if self.ema_sums == "raw" else x_hat, codes)
+                    counts = cb.ema_step_(cb.update_target(xf, x_hat), codes)
                 else:
                     counts = self._counts(codes)
                     if training:
                         D.all_reduce_sum_(counts, group=self.process_group)
                 reseeded = torch.zeros((), dtype=torch.int64, device=x.device)
                 if training:
-                    self.total_counts += counts.to(torch.int64)
-                    if self.dead_code_steps > 0:
-                        target = (
-                            x_hat if self.learning == "param" else (xf if self.ema_sums == "raw" else x_hat)
-                        )
-                        reseeded = self._expire_dead_codes(counts, target.detach(), min_dist)
+                    cb.total_counts += counts.to(torch.int64)
+                    if cb.dead_code_steps > 0:
+                        reseeded = cb.expire_dead_codes_(counts, cb.update_target(xf, x_hat).detach(), min_dist)
                 stats = self._stats(counts, reseeded)
 
         quantized = self._unflatten(quantized.to(out_dtype), lead, axis)
@@ -472,19 +418,6 @@ class ProductQuantizer(nn.Module):
         # Float atomics adding 1.0 are exact up to 2^24 per codeword.
         counts = torch.zeros(M * K, dtype=torch.float32, device=codes.device)
         return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float32)).reshape(M, K)
-
-    def _ema_step(self, x_sum: Tensor, codes: Tensor) -> Tensor:
-        """One EMA update from this step's vectors; returns the (global) counts ``[M, K]``."""
-        x_sum = x_sum.detach()
-        if self._world() == 1:
-            return pq_ema_update_(
-                x_sum, codes, self.cluster_size, self.embed_sum, self.codebooks, self.decay, self.eps,
-                check_range=False,  # codes come straight from pq_assign: no device sync for a range check
-            )
-        counts, sums = pq_cluster_stats(x_sum, codes, self.codebook_size, check_range=False)
-        D.all_reduce_sum_(counts, sums, group=self.process_group)
-        pq_ema_apply_(counts, sums, self.cluster_size, self.embed_sum, self.codebooks, self.decay, self.eps)
-        return counts
 
     def _stats(self, counts: Tensor, reseeded: Tensor) -> PQStats:
         usage_per_subspace = (counts > 0).float().mean(dim=1)
@@ -521,164 +454,3 @@ class ProductQuantizer(nn.Module):
         return self._unflatten(c, lead, axis)
 
     # ------------------------------------------------------------------------------- initialisation
-    @torch.no_grad()
-    def _initialize(self, xf: Tensor, x_hat: Tensor) -> None:
-        """Run ``init`` once, at the first training forward; every rank ends with the same codebooks."""
-        M, K, Ds = self.codebooks.shape
-        if self.init == "xavier":
-            bound = math.sqrt(6.0 / (K + Ds))  # xavier_uniform_ of one [K, Ds] codebook (gain 1)
-            self.codebooks.uniform_(-bound, bound)
-            D.broadcast_from_first_(self.codebooks, group=self.process_group)
-        elif self.init in ("kmeans", "random"):
-            x_update = x_hat if self.learning == "param" or self.ema_sums == "normalized" else xf
-            if self.init == "kmeans":
-                centroids = self._kmeanspp_seeds(x_hat, x_update)
-                centroids, counts = self._lloyd(x_hat, x_update, centroids, self.kmeans_iters)
-            else:
-                keys = self._gumbel(torch.isfinite(x_update).all(-1))
-                picked, scores = self._select_rows(x_update, keys, K)  # [K, M, Ds], [K, M]
-                centroids = torch.where(
-                    torch.isfinite(scores).t().unsqueeze(-1), picked.transpose(0, 1), self.codebooks.float()
-                )
-                counts = None
-            self.codebooks.copy_(centroids)
-            if self.learning == "ema" and counts is not None:
-                # As if the k-means batch had been the EMA history: codebooks = embed_sum / cluster_size.
-                self.cluster_size.copy_(counts)
-                self.embed_sum.copy_(centroids * counts.unsqueeze(-1))
-        self.initialized.fill_(True)
-
-    @staticmethod
-    def _gumbel(finite: Tensor, log_weight: Tensor | None = None) -> Tensor:
-        """Gumbel-max keys ``[N, M]``: the top-R keys are R rows sampled without replacement ∝ weight.
-
-        ``finite [N, M]`` marks rows whose sub-vector is finite; the others get −inf (never chosen), so NaN
-        inputs cannot poison a codebook.
-        """
-        u = torch.rand(finite.shape, device=finite.device, dtype=torch.float32).clamp_(1e-20, 1.0 - 1e-7)
-        keys = -torch.log(-torch.log(u))
-        if log_weight is not None:
-            keys = keys + log_weight
-        return keys.masked_fill_(~finite, -math.inf)
-
-    def _select_rows(self, rows: Tensor, keys: Tensor, R: int) -> tuple[Tensor, Tensor]:
-        """Per subspace, the ``R`` rows with the largest key over the rows of every rank.
-
-        Args:
-            rows: ``[N, M, Ds]`` local candidate vectors. keys: ``[N, M]`` float32 (−inf = not eligible).
-            R: how many to pick; must be the same on every rank.
-
-        Returns:
-            ``picked [R, M, Ds]`` and their keys ``[R, M]`` (−inf where fewer than R eligible rows exist),
-            identical on every rank: each rank sends its local top-R, then all ranks take the same top-R of
-            the gathered union (the global top-R is always inside the union of the local ones).
-        """
-        N, M, Ds = rows.shape
-        r = min(N, R)
-        keys = keys.float()
-        if r > 0:
-            top, idx = keys.topk(r, dim=0)
-            picked = rows.gather(0, idx.unsqueeze(-1).expand(r, M, Ds)).float()
-        else:
-            top = keys.new_empty(0, M)
-            picked = rows.new_empty(0, M, Ds, dtype=torch.float32)
-        if r < R:
-            top = torch.cat([top, top.new_full((R - r, M), -math.inf)])
-            picked = torch.cat([picked, picked.new_zeros(R - r, M, Ds)])
-        if self._world() > 1:
-            top = D.all_gather_cat(top, group=self.process_group)
-            picked = D.all_gather_cat(picked, group=self.process_group)
-            top, idx = top.topk(R, dim=0)
-            picked = picked.gather(0, idx.unsqueeze(-1).expand(R, M, Ds))
-        return picked, top
-
-    def _kmeanspp_seeds(self, xa: Tensor, xu: Tensor) -> Tensor:
-        """Greedy k-means++ seeding (scikit-learn's rule, ``2 + ln K`` trials per seed) over all ranks.
-
-        Each seed: sample ``L`` candidate rows ∝ D² (squared assignment-space distance to the nearest seed
-        so far) by Gumbel-top-L, keep the one that most lowers Σ D² (summed over all ranks). One loop over
-        ``K``; all ``M`` subspaces advance together. Distances are squared euclidean in the assignment
-        space (``2 − 2·x̂·ĉ`` for unit vectors with ``normalize="l2"``).
-
-        Args:
-            xa: ``[N, M, Ds]`` vectors in the assignment space. xu: the same rows in the update space.
-
-        Returns:
-            ``[M, K, Ds]`` float32 seeds (rows of ``xu``).
-        """
-        M, K, Ds = self.codebooks.shape
-        L = 2 + int(math.log(K))
-        arange_m = torch.arange(M, device=xu.device)
-        finite = torch.isfinite(xa).all(-1) & torch.isfinite(xu).all(-1)  # [N, M]
-        # Non-finite rows become zero vectors with D² = 0: weight 0, no share of the potential, never picked.
-        xa_t = xa.float().masked_fill(~finite.unsqueeze(-1), 0.0).transpose(0, 1).contiguous()  # [M, N, Ds]
-        xa_sq = (xa_t * xa_t).sum(-1, keepdim=True)  # [M, N, 1]
-
-        def sq_dist(centers: Tensor) -> Tensor:  # centers [L, M, Ds] (update space) → [M, N, L]
-            ca = self._to_assign_space(centers.float()).permute(1, 2, 0)  # [M, Ds, L]
-            dots = torch.bmm(xa_t, ca)
-            if self.normalize == "l2":
-                return (2.0 - 2.0 * dots).clamp_min_(0.0)
-            return (xa_sq + (ca * ca).sum(1, keepdim=True) - 2.0 * dots).clamp_min_(0.0)
-
-        seeds = self.codebooks.detach().float().clone()
-        first, key = self._select_rows(xu, self._gumbel(finite), 1)
-        seeds[:, 0] = torch.where(torch.isfinite(key[0]).unsqueeze(-1), first[0], seeds[:, 0])
-        dist2 = sq_dist(seeds[:, 0].unsqueeze(0)).squeeze(-1).masked_fill_(~finite.t(), 0.0)  # [M, N]
-        for k in range(1, K):
-            log_w = dist2.clamp_min(_MIN_SEED_WEIGHT).log_().t()  # [N, M] view
-            cand, cand_key = self._select_rows(xu, self._gumbel(finite, log_w), L)  # [L, M, Ds], [L, M]
-            d_new = sq_dist(cand)  # [M, N, L]
-            potential = torch.minimum(dist2.unsqueeze(-1), d_new).sum(1)  # [M, L]
-            D.all_reduce_sum_(potential, group=self.process_group)
-            potential.masked_fill_(~torch.isfinite(cand_key).t(), math.inf)
-            best = potential.argmin(dim=1)  # [M]
-            ok = torch.isfinite(cand_key[best, arange_m]).unsqueeze(-1)
-            seeds[:, k] = torch.where(ok, cand[best, arange_m], seeds[:, k])
-            dist2 = torch.minimum(dist2, d_new[arange_m, :, best])
-        return seeds
-
-    def _lloyd(self, xa: Tensor, xu: Tensor, centroids: Tensor, iters: int) -> tuple[Tensor, Tensor]:
-        """``iters`` Lloyd steps with the fused ops; returns centroids and the counts of the last assignment."""
-        K = self.codebook_size
-        counts = None
-        for _ in range(max(1, iters)):
-            codes, _ = pq_assign(xa, self._to_assign_space(centroids).to(xa.dtype), self.metric)
-            counts, sums = pq_cluster_stats(xu, codes, K)
-            D.all_reduce_sum_(counts, sums, group=self.process_group)
-            if iters == 0:
-                break
-            means = sums / counts.clamp_min(1.0).unsqueeze(-1)
-            centroids = torch.where((counts > 0).unsqueeze(-1), means, centroids)
-        return centroids, counts
-
-    # ------------------------------------------------------------------------------------ dead codes
-    def _expire_dead_codes(self, counts: Tensor, target: Tensor, min_dist: Tensor) -> Tensor:
-        """Age the codewords by this step's (global) counts and re-seed the dead ones; returns how many."""
-        self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
-        dead = self.steps_unused >= self.dead_code_steps  # identical on every rank: built from global counts
-        per_subspace = dead.sum(dim=1)
-        R = int(per_subspace.max())
-        if R == 0:
-            return torch.zeros((), dtype=torch.int64, device=counts.device)
-        finite = torch.isfinite(target).all(-1)  # [N, M]
-        if self.dead_code_seed == "farthest":
-            keys = min_dist.float().nan_to_num(nan=-math.inf).masked_fill_(~finite, -math.inf)
-        else:
-            keys = self._gumbel(finite)
-        picked, picked_keys = self._select_rows(target, keys, R)  # [R, M, Ds], [R, M]
-        # The j-th dead code of subspace m (in index order) takes the j-th pick of subspace m.
-        slot = dead.long().cumsum(dim=1) - 1  # [M, K]
-        m_idx, k_idx = dead.nonzero(as_tuple=True)
-        j = slot[m_idx, k_idx]
-        ok = torch.isfinite(picked_keys[j, m_idx])
-        m_idx, k_idx, j = m_idx[ok], k_idx[ok], j[ok]
-        vectors = picked[j, m_idx]
-        self.codebooks[m_idx, k_idx] = vectors.to(self.codebooks.dtype)
-        if self.learning == "ema":
-            self.cluster_size[m_idx, k_idx] = 1.0
-            self.embed_sum[m_idx, k_idx] = vectors.float()
-        self.steps_unused[m_idx, k_idx] = 0
-        n = torch.tensor(int(m_idx.numel()), dtype=torch.int64, device=counts.device)
-        self.num_reseeded += n
-        return n

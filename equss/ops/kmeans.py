@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from equss.ops.pq import pq_assign, pq_cluster_stats
+from equss.ops import pq_assign, pq_cluster_stats
 
 __all__ = ["product_kmeans"]
 

@@ -15,8 +15,19 @@ Conventions shared by every backend:
 * ``metric="dot"``: ``d(x, c) = -x·c`` (maximum inner product; equals l2 for unit-norm rows and
   codewords up to the constant 2).
 * Ties break to the lowest codeword index, like ``torch.argmin``.
-* Rows whose sub-vector holds NaN or inf get a code in ``[0, K)`` (never out of range) and a
-  non-finite ``min_dist``; other rows are unaffected.
+
+The non-finite contract (every backend, every op; tested across backends in ``tests/``):
+
+* A vector is *invalid* when its squared norm, computed in fp32, is not finite: it holds a NaN or an
+  inf, or lies beyond the fp32 range. :func:`valid_rows` computes this per ``(n, m)``.
+* An invalid codeword never wins an assignment. An invalid row gets code ``0`` (always in range) and
+  ``min_dist = NaN``; every other row is unaffected. A valid row whose distances to all valid codewords
+  are ``+inf`` (or whose subspace has no valid codeword) also gets code 0, with ``min_dist = +inf``.
+  A NaN distance never wins (it can only arise from an overflow).
+* An invalid row enters no count or sum (:func:`pq_cluster_stats_ref`, the statistics of
+  :func:`pq_assign_gather_ref`).
+* Codes outside ``[0, K)`` (possible only when a caller skips the range check) gather a zero vector and
+  enter no count, sum or gradient.
 """
 
 from __future__ import annotations
@@ -27,7 +38,9 @@ from torch import Tensor
 __all__ = [
     "METRICS",
     "assign_chunk_rows",
+    "valid_rows",
     "pq_assign_ref",
+    "pq_assign_gather_ref",
     "pq_gather_ref",
     "pq_gather_backward_ref",
     "pq_cluster_stats_ref",
@@ -47,6 +60,12 @@ def assign_chunk_rows(M: int, K: int) -> int:
     return max(1, _MAX_DISTANCES_PER_CHUNK // max(1, M * K))
 
 
+def valid_rows(v: Tensor) -> Tensor:
+    """``[..., Ds]`` → ``[...]`` bool: the vector's fp32 squared norm is finite (the module docstring)."""
+    vf = v.float()
+    return torch.isfinite((vf * vf).sum(-1))
+
+
 def pq_assign_ref(x: Tensor, codebooks: Tensor, metric: str = "l2") -> tuple[Tensor, Tensor]:
     """Nearest codeword per row and subspace.
 
@@ -63,27 +82,36 @@ def pq_assign_ref(x: Tensor, codebooks: Tensor, metric: str = "l2") -> tuple[Ten
     cb = codebooks.float()
     codes = torch.empty(N, M, dtype=torch.int32, device=x.device)
     min_dist = torch.empty(N, M, dtype=torch.float32, device=x.device)
-    c_sq = (cb * cb).sum(-1).unsqueeze(1) if metric == "l2" else None  # [M, 1, K]
+    c_sq = (cb * cb).sum(-1)  # [M, K]
+    # +inf for invalid codewords: they can never be strictly smaller than the running minimum.
+    bias = torch.where(torch.isfinite(c_sq), c_sq if metric == "l2" else torch.zeros_like(c_sq), torch.inf)
+    cb = torch.where(torch.isfinite(c_sq).unsqueeze(-1), cb, 0.0)  # keep NaN out of the products
     step = assign_chunk_rows(M, K)
     for start in range(0, N, step):
         xc = x[start : start + step].float().transpose(0, 1)  # [M, n, Ds]
-        dots = torch.bmm(xc, cb.transpose(1, 2))  # [M, n, K]
+        x_sq = (xc * xc).sum(-1)  # [M, n]
+        ok = torch.isfinite(x_sq)
+        xc = torch.where(ok.unsqueeze(-1), xc, 0.0)
+        scale = 2.0 if metric == "l2" else 1.0
+        dist = bias.unsqueeze(1) - scale * torch.bmm(xc, cb.transpose(1, 2))  # [M, n, K]
+        dist = dist.nan_to_num(nan=torch.inf, posinf=torch.inf, neginf=-torch.inf)  # a NaN never wins
+        best, idx = dist.min(dim=-1)  # first minimum wins (all +inf: code 0), like torch.argmin
         if metric == "l2":
-            dist = c_sq - 2.0 * dots
-            best, idx = dist.min(dim=-1)  # first minimum wins, like torch.argmin
-            best = (best + (xc * xc).sum(-1)).clamp_min(0.0)
-        else:
-            best, idx = (-dots).min(dim=-1)
+            best = (best + x_sq).clamp_min(0.0)
+        best = torch.where(ok, best, torch.nan)
+        idx = torch.where(ok, idx, 0)
         codes[start : start + step] = idx.t().to(torch.int32)
         min_dist[start : start + step] = best.t()
     return codes, min_dist
 
 
-def _flat_index(codes: Tensor, K: int) -> Tensor:
-    """``[N, M]`` codes → ``[N·M]`` row index into a ``[M·K, ...]`` table (subspace-major)."""
+def _flat_index(codes: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    """``[N, M]`` codes → ``[N·M]`` row index into a ``[M·K, ...]`` table (subspace-major) and whether
+    the code is in ``[0, K)`` (out-of-range entries point at row 0 and must be masked by the caller)."""
     M = codes.shape[1]
     offsets = torch.arange(M, device=codes.device, dtype=torch.int64) * K
-    return (codes.long() + offsets).reshape(-1)
+    in_range = ((codes >= 0) & (codes < K)).reshape(-1)
+    return torch.where(in_range, (codes.long() + offsets).reshape(-1), 0), in_range
 
 
 def pq_gather_ref(codes: Tensor, codebooks: Tensor) -> Tensor:
@@ -98,7 +126,9 @@ def pq_gather_ref(codes: Tensor, codebooks: Tensor) -> Tensor:
     """
     M, K, Ds = codebooks.shape
     N = codes.shape[0]
-    return codebooks.reshape(M * K, Ds).index_select(0, _flat_index(codes, K)).reshape(N, M, Ds)
+    flat, in_range = _flat_index(codes, K)
+    out = codebooks.reshape(M * K, Ds).index_select(0, flat)
+    return torch.where(in_range.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device)).reshape(N, M, Ds)
 
 
 def pq_gather_backward_ref(grad_out: Tensor, codes: Tensor, K: int) -> Tensor:
@@ -116,7 +146,9 @@ def pq_gather_backward_ref(grad_out: Tensor, codes: Tensor, K: int) -> Tensor:
     N, M, Ds = grad_out.shape
     acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
     grad = torch.zeros(M * K, Ds, dtype=acc, device=grad_out.device)
-    grad.index_add_(0, _flat_index(codes, K), grad_out.reshape(N * M, Ds).to(acc))
+    flat, in_range = _flat_index(codes, K)
+    src = grad_out.reshape(N * M, Ds).to(acc)
+    grad.index_add_(0, flat, torch.where(in_range.unsqueeze(-1), src, torch.zeros((), dtype=acc, device=src.device)))
     return grad.reshape(M, K, Ds)
 
 
@@ -129,14 +161,55 @@ def pq_cluster_stats_ref(x: Tensor, codes: Tensor, K: int) -> tuple[Tensor, Tens
         K: number of codewords.
 
     Returns:
-        ``counts [M, K]`` float32 and ``sums [M, K, Ds]`` float32.
+        ``counts [M, K]`` float32 and ``sums [M, K, Ds]`` float32. Invalid rows of ``x`` and codes outside
+        ``[0, K)`` enter neither (the module docstring).
     """
+    return _segment_stats(x, codes, K, valid_rows(x))
+
+
+def _segment_stats(x: Tensor, codes: Tensor, K: int, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Counts ``[M, K]`` and sums ``[M, K, Ds]`` (fp32) of the ``(n, m)`` pairs where ``keep [N, M]`` holds."""
     N, M, Ds = x.shape
-    flat = _flat_index(codes, K)
-    counts = torch.bincount(flat, minlength=M * K).to(torch.float32).reshape(M, K)
+    flat, in_range = _flat_index(codes, K)
+    keep = keep.reshape(-1) & in_range
+    counts = torch.zeros(M * K, dtype=torch.float32, device=x.device)
+    counts.index_add_(0, flat, keep.float())  # +1.0 per row: exact below 2^24 per codeword
     sums = torch.zeros(M * K, Ds, dtype=torch.float32, device=x.device)
-    sums.index_add_(0, flat, x.reshape(N * M, Ds).float())
-    return counts, sums.reshape(M, K, Ds)
+    rows = x.reshape(N * M, Ds).float()
+    sums.index_add_(0, flat, torch.where(keep.unsqueeze(-1), rows, 0.0))
+    return counts.reshape(M, K), sums.reshape(M, K, Ds)
+
+
+def pq_assign_gather_ref(
+    x: Tensor, codebooks: Tensor, codebooks_out: Tensor, metric: str, stats_x: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Assignment, gather, squared error and the step's statistics of one PQ training forward.
+
+    Args:
+        x: ``[N, M, Ds]``, the vectors assigned (e.g. the l2-normalised sub-vectors in EQUSS).
+        codebooks: ``[M, K, Ds]`` used for the distances (e.g. the normalised codewords).
+        codebooks_out: ``[M, K, Ds]`` gathered into ``quantized`` (EQUSS: the raw codewords).
+        metric: ``"l2"`` or ``"dot"``.
+        stats_x: ``[N, M, Ds]`` vectors whose per-codeword sums are wanted (EMA training), or ``None``.
+
+    Returns:
+        ``codes [N, M]`` int32 and ``min_dist [N, M]`` float32 (as :func:`pq_assign_ref`),
+        ``quantized [N, M, Ds]`` (dtype of ``codebooks_out``, bit-exact codewords), ``sq_err [N, M]``
+        float32 ``= Σ_d (x − quantized)²``, ``counts [M, K]`` float32 over the valid rows (of ``x``, and of
+        ``stats_x`` when given) and ``sums [M, K, Ds]`` float32 of ``stats_x`` over the same rows
+        (``[M, K, 0]`` when ``stats_x`` is ``None``).
+    """
+    codes, min_dist = pq_assign_ref(x, codebooks, metric)
+    quantized = pq_gather_ref(codes, codebooks_out)
+    diff = x.float() - quantized.float()
+    sq_err = (diff * diff).sum(-1)
+    keep = ~torch.isnan(min_dist)  # the valid rows of x (an invalid row has min_dist NaN)
+    if stats_x is None:
+        counts, _ = _segment_stats(x, codes, codebooks.shape[1], keep)
+        sums = x.new_zeros(codebooks.shape[0], codebooks.shape[1], 0, dtype=torch.float32)
+    else:
+        counts, sums = _segment_stats(stats_x, codes, codebooks.shape[1], keep & valid_rows(stats_x))
+    return codes, min_dist, quantized, sq_err, counts, sums
 
 
 def pq_ema_apply_ref_(

@@ -1,6 +1,6 @@
 """Argument checks for the public PQ ops: clear ``TypeError``/``ValueError``/``IndexError`` naming the shapes.
 
-Backends never see unchecked input: every public function in :mod:`equss.ops.pq` runs these first.
+Backends never see unchecked input: every public wrapper in :mod:`equss.ops` runs these first.
 """
 
 from __future__ import annotations
@@ -46,13 +46,33 @@ def check_codes(codes: object, op: str, N: int | None = None, M: int | None = No
     return codes
 
 
+def _host_checkable(t: Tensor) -> bool:
+    """Values can be read on the host without a device sync or a graph break (eager CPU tensors)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
+
+
 def check_codes_range(codes: Tensor, K: int, op: str) -> None:
-    """Raise ``IndexError`` if any code is outside ``[0, K)`` (one reduction; syncs on CUDA)."""
+    """Codes must lie in ``[0, K)``.
+
+    Eager CPU tensors: raise ``IndexError`` naming the values found. Everywhere else (CUDA, meta and fake
+    tensors, ``torch.compile``): ``torch._assert_async``, which never leaves the device, never breaks a
+    graph and is a no-op on meta/fake tensors; on CUDA a violation is a device-side assert reported at the
+    next synchronisation (like ``index_select``). Pass ``check_range=False`` to skip the check: every
+    backend then gathers zeros for out-of-range codes and leaves them out of every sum (``reference.py``).
+    """
     if codes.numel() == 0:
         return
-    lo, hi = int(codes.min()), int(codes.max())
-    if lo < 0 or hi >= K:
-        raise IndexError(f"{op}: codes must lie in [0, K={K}), got values in [{lo}, {hi}] (codes {_shape(codes)})")
+    if _host_checkable(codes):
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= K:
+            raise IndexError(f"{op}: codes must lie in [0, K={K}), got values in [{lo}, {hi}] (codes {_shape(codes)})")
+        return
+    torch._assert_async(
+        ((codes >= 0) & (codes < K)).all(),
+        f"{op}: codes must lie in [0, K={K}) (codes {_shape(codes)}); pass check_range=False to gather zeros instead",
+    )
 
 
 def check_codebooks(codebooks: object, op: str) -> Tensor:
@@ -108,5 +128,7 @@ def check_buffer(t: object, name: str, shape: tuple[int, ...], op: str, fp32: bo
 def check_ema_scalars(decay: float, eps: float, op: str) -> None:
     if not 0.0 <= float(decay) <= 1.0:
         raise ValueError(f"{op}: decay must be in [0, 1], got {decay}")
-    if not float(eps) >= 0.0:
-        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+    if not float(eps) > 0.0:
+        raise ValueError(
+            f"{op}: eps must be > 0, got {eps} (Laplace smoothing: with eps = 0 an unused codeword divides 0 by 0)"
+        )

@@ -1,9 +1,7 @@
-"""Triton EMA codebook update: per-codeword statistics, then decay + Laplace smoothing + renormalisation.
+"""Triton EMA codebook update: decay + Laplace smoothing + renormalisation, from one step's statistics.
 
-* :func:`pq_cluster_stats`: counts ``[M, K]`` and sums ``[M, K, Ds]`` of the rows assigned to each
-  codeword, as a segment reduction (the on-chip one-hot ``tl.dot`` of :mod:`equss.kernels.pq_gather`,
-  one atomic add per program and output element; no one_hot tensor and no K×N matrix in memory).
-* :func:`pq_ema_apply_`: two launches. The first (one program per subspace) decays ``cluster_size`` and
+The statistics themselves come from :mod:`equss.kernels.pq_cluster_stats`. :func:`pq_ema_apply_triton_`
+is two launches. The first (one program per subspace) decays ``cluster_size`` and
   reduces ``n_tot = Σ_k cluster_size``; the second (a 2-D grid over ``K·Ds`` elements and subspaces)
   decays ``embed_sum`` and writes ``codebooks = embed_sum / smoothed`` with
   ``smoothed_k = (cluster_size_k + eps)/(n_tot + K·eps)·n_tot``. Two launches because every element of
@@ -22,15 +20,8 @@ import torch
 import triton
 import triton.language as tl
 from equss.kernels import _config as C
-from equss.kernels.pq_gather import SEGMENT_SUM_CONFIGS, segment_sum
 
-__all__ = ["EmaConfig", "CONFIGS", "pq_cluster_stats", "pq_ema_apply_", "compile_spec"]
-
-
-def pq_cluster_stats(x: torch.Tensor, codes: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backend entry of ``pq_cluster_stats``: ``counts [M, K]`` and ``sums [M, K, Ds]``, both float32."""
-    sums, counts = segment_sum(x, codes, int(K), with_counts=True)
-    return counts, sums
+__all__ = ["EmaConfig", "CONFIGS", "pq_ema_apply_triton_", "compile_spec"]
 
 
 @triton.jit
@@ -101,16 +92,17 @@ class EmaConfig:
 
 _COUNTS_BLOCK = 1024
 _CODEBOOK_BLOCK = 1024
-EMA_CONFIGS: tuple[EmaConfig, ...] = (EmaConfig("counts", torch.float32, _COUNTS_BLOCK),) + tuple(
+CONFIGS: tuple[EmaConfig, ...] = (EmaConfig("counts", torch.float32, _COUNTS_BLOCK),) + tuple(
     EmaConfig("codebook", dtype, _CODEBOOK_BLOCK) for dtype in C.KERNEL_DTYPES + (torch.float64,)
 )
-# Everything pq_ema.py launches, including the statistics' segment sum (shared with pq_gather.py).
-CONFIGS = EMA_CONFIGS + SEGMENT_SUM_CONFIGS
-
-last_config: dict[str, EmaConfig] = {}
 
 
-def pq_ema_apply_(
+def pick_configs(codebooks_dtype: torch.dtype) -> tuple[EmaConfig, EmaConfig]:
+    """The two configurations :func:`pq_ema_apply_triton_` launches (members of :data:`CONFIGS`)."""
+    return CONFIGS[0], EmaConfig("codebook", codebooks_dtype, _CODEBOOK_BLOCK)
+
+
+def pq_ema_apply_triton_(
     counts: torch.Tensor,
     sums: torch.Tensor,
     cluster_size: torch.Tensor,
@@ -119,14 +111,12 @@ def pq_ema_apply_(
     decay: float,
     eps: float,
 ) -> None:
-    """Backend entry of ``pq_ema_apply_`` (buffers validated, contiguous, float32 except ``codebooks``)."""
+    """Triton backend of ``equss::pq_ema_apply_`` (buffers validated, contiguous, float32 except ``codebooks``)."""
     M, K, Ds = codebooks.shape
     decay = float(decay)
     one_minus = 1.0 - decay  # in float64 on the host, as the reference's alpha=1.0 - decay
     n_tot = torch.empty(M, dtype=torch.float32, device=codebooks.device)
-    cfg_a = EMA_CONFIGS[0]
-    cfg_b = EmaConfig("codebook", codebooks.dtype, _CODEBOOK_BLOCK)
-    last_config["ema_counts"], last_config["ema_codebook"] = cfg_a, cfg_b
+    cfg_a, cfg_b = pick_configs(codebooks.dtype)
     _ema_counts_kernel[(M,)](
         counts, cluster_size, n_tot, K, decay, one_minus, BLOCK=cfg_a.BLOCK, num_warps=cfg_a.num_warps
     )
@@ -149,37 +139,15 @@ def pq_ema_apply_(
     )
 
 
-def compile_spec(cfg) -> tuple:
+def compile_spec(cfg: EmaConfig) -> tuple:
     """``(kernel, signature, constexprs, options)`` for ahead-of-time ``triton.compile`` of ``cfg``."""
-    if not isinstance(cfg, EmaConfig):
-        from equss.kernels import pq_gather
-
-        return pq_gather.compile_spec(cfg)
     if cfg.kernel == "counts":
-        signature = {
-            "counts_ptr": "*fp32",
-            "cs_ptr": "*fp32",
-            "ntot_ptr": "*fp32",
-            "K": "i32",
-            "decay": "fp32",
-            "one_minus_decay": "fp32",
-        }
-        kernel = _ema_counts_kernel
+        kernel, floats = _ema_counts_kernel, ("decay", "one_minus_decay")
+        pointers = {"counts_ptr": "fp32", "cs_ptr": "fp32", "ntot_ptr": "fp32"}
     else:
-        signature = {
-            "sums_ptr": "*fp32",
-            "es_ptr": "*fp32",
-            "cs_ptr": "*fp32",
-            "ntot_ptr": "*fp32",
-            "cb_ptr": f"*{C.TRITON_TYPE[cfg.dtype]}",
-            "K": "i32",
-            "Ds": "i32",
-            "decay": "fp32",
-            "one_minus_decay": "fp32",
-            "eps": "fp32",
-            "k_eps": "fp32",
+        kernel, floats = _ema_codebook_kernel, ("decay", "one_minus_decay", "eps", "k_eps")
+        pointers = {
+            "sums_ptr": "fp32", "es_ptr": "fp32", "cs_ptr": "fp32", "ntot_ptr": "fp32",
+            "cb_ptr": C.TRITON_TYPE[cfg.dtype],
         }
-        kernel = _ema_codebook_kernel
-    constexprs = {"BLOCK": cfg.BLOCK}
-    signature.update({name: "constexpr" for name in constexprs})
-    return kernel, signature, constexprs, {"num_warps": cfg.num_warps}
+    return C.aot_spec(kernel, pointers, floats, {"BLOCK": cfg.BLOCK}, {"num_warps": cfg.num_warps})

@@ -22,8 +22,9 @@
 //   * The running minimum is lane-wise (8 lanes; lane j sees codewords j, j+8, j+16, ... in increasing
 //     order, strict `<` keeps the first) and stored per row between codeword tiles (L1); a final
 //     horizontal reduction picks the smallest value and, among equal values, the lowest index.
-// NaN distances never compare `<`, so a row with NaN/inf keeps an in-range code (0 if every distance
-// is NaN) and a non-finite min_dist (+inf, or NaN once ||x||² = NaN/inf is added).
+// Non-finite contract (equss/ops/reference.py): an invalid codeword (non-finite fp32 ||c||²) is packed
+// with W = 0 and bias = +inf, so it never wins; an invalid row (non-finite ||x||²) is written as code 0,
+// min_dist NaN; NaN distances never compare `<`.
 //
 // The portable path (non-x86, CPUs without AVX2/FMA, or EQUSS_CPU_KERNEL=scalar) uses the same packed
 // layouts with plain loops the compiler auto-vectorises; it has the same tie and NaN behaviour.
@@ -34,6 +35,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -108,6 +110,8 @@ PackedCodebooks pack_codebooks(const scalar_t* cb, int64_t M, int64_t K, int64_t
           c[d] = static_cast<float>(src[d]);
           norm += c[d] * c[d];
         }
+        // An invalid codeword (non-finite fp32 norm) keeps W = 0 and bias = +inf: it never wins.
+        if (!std::isfinite(norm)) continue;
         float* tile = w + (k / kTileK) * Ds * kTileK + (k % kTileK);
         for (int64_t d = 0; d < Ds; ++d) tile[d * kTileK] = scale * c[d];
         p.bias[m * p.Kp + k] = l2 ? norm : 0.f;
@@ -308,12 +312,18 @@ void assign_impl(const scalar_t* x, const scalar_t* cb, int64_t N, int64_t M, in
           assign_tiles_scalar(X, n_row_tiles, Ds, W, bias, packed.Kp, best_val.data(), best_idx.data());
         }
         for (int64_t r = 0; r < rows; ++r) {
+          const float row_sq = x_sq[m * rows_padded + r];
+          const int64_t out = (n0 + r) * M + m;
+          if (!std::isfinite(row_sq)) {  // an invalid row: code 0, min_dist NaN (reference.py)
+            codes[out] = 0;
+            min_dist[out] = std::numeric_limits<float>::quiet_NaN();
+            continue;
+          }
           float dist = best_val[r];
           if (l2) {
-            dist += x_sq[m * rows_padded + r];
-            dist = dist < 0.f ? 0.f : dist;  // the expanded form can round below 0; NaN stays NaN
+            dist += row_sq;
+            dist = dist < 0.f ? 0.f : dist;  // the expanded form can round below 0
           }
-          const int64_t out = (n0 + r) * M + m;
           codes[out] = best_idx[r];
           min_dist[out] = dist;
         }

@@ -11,16 +11,18 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
 namespace equss::cpu {
 
 // out[m, codes[n, m], d] += acc_t(src[n, m, d]); counts[m, k] (optional, float32) = #rows with code k.
-// Bad codes (outside [0, K)) raise before anything is written out of bounds.
+// Codes outside [0, K) contribute nothing; with skip_invalid, neither do rows whose fp32 squared norm is
+// not finite (the statistics' contract in equss/ops/reference.py; the gradient scatter keeps them).
 template <typename code_t, typename src_t, typename acc_t>
 void segment_sum_by_code(const src_t* src, const code_t* codes, int64_t N, int64_t M, int64_t K, int64_t Ds,
-                         acc_t* out, float* counts, const char* op) {
+                         acc_t* out, float* counts, bool skip_invalid) {
   const int64_t threads = at::get_num_threads();
   const int64_t slices = M >= threads ? 1 : std::min<int64_t>(Ds, (threads + M - 1) / M);
   const int64_t slice_len = (Ds + slices - 1) / slices;
@@ -35,8 +37,13 @@ void segment_sum_by_code(const src_t* src, const code_t* codes, int64_t N, int64
       acc_t* out_m = out + m * K * Ds;
       for (int64_t n = 0; n < N; ++n) {
         const int64_t k = static_cast<int64_t>(codes[n * M + m]);
-        TORCH_CHECK(k >= 0 && k < K, op, ": code ", k, " at [n=", n, ", m=", m, "] is outside [0, K=", K, ")");
+        if (k < 0 || k >= K) continue;
         const src_t* s = src + (n * M + m) * Ds;
+        if (skip_invalid) {
+          float sq = 0.f;
+          for (int64_t d = 0; d < Ds; ++d) sq += static_cast<float>(s[d]) * static_cast<float>(s[d]);
+          if (!std::isfinite(sq)) continue;
+        }
         acc_t* o = out_m + k * Ds;
         for (int64_t d = d0; d < d1; ++d) o[d] += static_cast<acc_t>(s[d]);
         if (count_here) ++hist[static_cast<size_t>(k)];

@@ -1,9 +1,9 @@
 // pq_cluster_stats on CPU: per-codeword counts [M, K] and sums [M, K, Ds] (fp32) of the rows assigned to
-// each codeword. Deterministic (see segment_sum.h); x of any float dtype is converted to fp32 per element,
-// like x.float() in the reference.
+// each codeword. Deterministic (see pq_segment_sum.h); x of any float dtype is converted to fp32 per element,
+// like x.float() in the reference. Invalid rows and out-of-range codes enter neither (reference.py).
 #include "checks.h"
 #include "ops.h"
-#include "cpu/segment_sum.h"
+#include "cpu/pq_segment_sum.h"
 
 #include <ATen/Dispatch.h>
 
@@ -25,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor> pq_cluster_stats(const at::Tensor& x, const a
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "equss_pq_cluster_stats_cpu", [&] {
       // Each element is converted to fp32 before it is added (fp64 x rounds like x.float() does).
       segment_sum_by_code(x.const_data_ptr<scalar_t>(), c, N, M, K, Ds, sums.mutable_data_ptr<float>(),
-                          counts.mutable_data_ptr<float>(), op);
+                          counts.mutable_data_ptr<float>(), /*skip_invalid=*/true);
     });
   });
   return {counts, sums};

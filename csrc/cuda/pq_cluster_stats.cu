@@ -1,8 +1,8 @@
 // pq_cluster_stats on CUDA: counts [M, K] and sums [M, K, Ds] (fp32) of the rows assigned to each codeword,
-// by fp32 atomics; see segment_sum.cuh.
+// by fp32 atomics; see pq_segment_sum.cuh.
 #include "checks.h"
 #include "cuda/launch.cuh"
-#include "cuda/segment_sum.cuh"
+#include "cuda/pq_segment_sum.cuh"
 #include "ops.h"
 
 #include <ATen/Dispatch.h>
@@ -25,11 +25,14 @@ std::tuple<at::Tensor, at::Tensor> pq_cluster_stats(const at::Tensor& x, const a
   const int64_t total = x.numel();
   if (total == 0) return {counts, sums};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // Invalid rows (non-finite fp32 squared norm) enter no count or sum: their code becomes -1.
+  const at::Tensor valid = at::isfinite(x.to(at::kFloat).square().sum(-1));
+  const at::Tensor kept = at::where(valid, codes, at::full({}, -1, codes.options())).contiguous();
   AT_DISPATCH_INDEX_TYPES(codes.scalar_type(), "equss_pq_cluster_stats_cuda", [&] {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "equss_pq_cluster_stats_cuda", [&] {
       // Each element is converted to fp32 before it is added, like x.float() in the reference.
       segment_sum_by_code_kernel<scalar_t, float, index_t><<<grid_stride_blocks(total), kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), codes.const_data_ptr<index_t>(), sums.mutable_data_ptr<float>(),
+          x.const_data_ptr<scalar_t>(), kept.const_data_ptr<index_t>(), sums.mutable_data_ptr<float>(),
           counts.mutable_data_ptr<float>(), total, M, K, Ds);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -1,8 +1,8 @@
 // pq_gather_backward on CPU: grad_codebooks[m, k, :] = sum of grad_out[n, m, :] over rows n with code k.
-// Accumulates in fp32 (fp64 for float64 gradients, so gradcheck is exact); deterministic, see segment_sum.h.
+// Accumulates in fp32 (fp64 for float64 gradients, so gradcheck is exact); deterministic, see pq_segment_sum.h.
 #include "checks.h"
 #include "ops.h"
-#include "cpu/segment_sum.h"
+#include "cpu/pq_segment_sum.h"
 
 #include <ATen/Dispatch.h>
 
@@ -25,10 +25,10 @@ at::Tensor pq_gather_backward(const at::Tensor& grad_out, const at::Tensor& code
                                     [&] {
                                       if (acc_dtype == at::kDouble) {
                                         segment_sum_by_code(grad_out.const_data_ptr<scalar_t>(), c, N, M, K, Ds,
-                                                            grad.mutable_data_ptr<double>(), nullptr, op);
+                                                            grad.mutable_data_ptr<double>(), nullptr, false);
                                       } else {
                                         segment_sum_by_code(grad_out.const_data_ptr<scalar_t>(), c, N, M, K, Ds,
-                                                            grad.mutable_data_ptr<float>(), nullptr, op);
+                                                            grad.mutable_data_ptr<float>(), nullptr, false);
                                       }
                                     });
   });

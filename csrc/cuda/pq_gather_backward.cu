@@ -1,8 +1,8 @@
 // pq_gather_backward on CUDA: grad_codebooks[m, k, :] = Σ grad_out[n, m, :] over rows with code k, by fp32
-// atomics (fp64 atomics for float64 gradients); see segment_sum.cuh.
+// atomics (fp64 atomics for float64 gradients); see pq_segment_sum.cuh.
 #include "checks.h"
 #include "cuda/launch.cuh"
-#include "cuda/segment_sum.cuh"
+#include "cuda/pq_segment_sum.cuh"
 #include "ops.h"
 
 #include <ATen/Dispatch.h>

@@ -6,8 +6,8 @@
 // once (a shared-memory broadcast) and its own x row from a padded tile (no bank conflicts), and keeps
 // kTileK fp32 dot products in registers. Distances: l2 = ||c||² − 2·x·c (||c||² precomputed in fp32,
 // ||x||² added to the minimum and clamped at 0), dot = −x·c. The running minimum uses a strict `<` from
-// +inf with index 0, visiting k in increasing order: ties keep the lowest index, NaN never wins, so rows
-// with NaN/inf keep an in-range code and get a non-finite min_dist.
+// +inf with index 0, visiting k in increasing order: ties keep the lowest index and NaN never wins.
+// Invalid codewords get a +inf bias, invalid rows code 0 and min_dist NaN (equss/ops/reference.py).
 #include "checks.h"
 #include "cuda/launch.cuh"
 #include "ops.h"
@@ -69,7 +69,9 @@ __global__ void __launch_bounds__(kRows)
         cs[j][dd] = (k < K && dd < dn) ? static_cast<float>(codebooks[(m * K + k) * Ds + d0 + dd]) : 0.f;
       }
       if (d0 == 0 && tid < kTileK) {
-        bias[tid] = (kL2 && k0 + tid < K) ? c_sq[m * K + k0 + tid] : 0.f;
+        // An invalid codeword (non-finite fp32 ||c||²) gets +inf and never wins (reference.py).
+        const float cn = k0 + tid < K ? c_sq[m * K + k0 + tid] : INFINITY;
+        bias[tid] = isfinite(cn) ? (kL2 ? cn : 0.f) : INFINITY;
       }
       __syncthreads();
 
@@ -86,7 +88,7 @@ __global__ void __launch_bounds__(kRows)
 #pragma unroll
     for (int j = 0; j < kTileK; ++j) {
       if (k0 + j < K) {
-        const float dist = kL2 ? fmaf(-2.f, acc[j], bias[j]) : -acc[j];
+        const float dist = kL2 ? fmaf(-2.f, acc[j], bias[j]) : bias[j] - acc[j];
         if (dist < best) {
           best = dist;
           best_k = static_cast<int32_t>(k0 + j);
@@ -99,10 +101,11 @@ __global__ void __launch_bounds__(kRows)
     float out = best;
     if (kL2) {
       out += x_sq;
-      out = out < 0.f ? 0.f : out;  // the expanded form can round below 0; NaN stays NaN
+      out = out < 0.f ? 0.f : out;  // the expanded form can round below 0
     }
-    codes[n * M + m] = best_k;
-    min_dist[n * M + m] = out;
+    const bool valid = isfinite(x_sq);  // an invalid row: code 0, min_dist NaN (reference.py)
+    codes[n * M + m] = valid ? best_k : 0;
+    min_dist[n * M + m] = valid ? out : NAN;
   }
 }
 
@@ -121,10 +124,9 @@ std::tuple<at::Tensor, at::Tensor> pq_assign(const at::Tensor& x, const at::Tens
   auto codes = at::empty({N, M}, x.options().dtype(at::kInt));
   auto min_dist = at::empty({N, M}, x.options().dtype(at::kFloat));
   if (N == 0 || M == 0) return {codes, min_dist};
-  // ||c||² in fp32 of the fp32-rounded codewords, like (cb.float() ** 2).sum(-1) in the reference;
-  // ATen runs it on the current stream.
-  at::Tensor c_sq;
-  if (l2) c_sq = codebooks.to(at::kFloat).square().sum(-1).contiguous();
+  // ||c||² in fp32 of the fp32-rounded codewords, like (cb.float() ** 2).sum(-1) in the reference (also
+  // for "dot": it marks invalid codewords); ATen runs it on the current stream.
+  const at::Tensor c_sq = codebooks.to(at::kFloat).square().sum(-1).contiguous();
   const dim3 grid(static_cast<unsigned int>((N + kRows - 1) / kRows), static_cast<unsigned int>(M));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "equss_pq_assign_cuda", [&] {
@@ -132,11 +134,11 @@ std::tuple<at::Tensor, at::Tensor> pq_assign(const at::Tensor& x, const at::Tens
     const scalar_t* cp = codebooks.const_data_ptr<scalar_t>();
     int32_t* codes_p = codes.mutable_data_ptr<int32_t>();
     float* dist_p = min_dist.mutable_data_ptr<float>();
+    const float* cq = c_sq.const_data_ptr<float>();
     if (l2) {
-      pq_assign_kernel<scalar_t, true>
-          <<<grid, kRows, 0, stream>>>(xp, cp, c_sq.const_data_ptr<float>(), codes_p, dist_p, N, M, K, Ds);
+      pq_assign_kernel<scalar_t, true><<<grid, kRows, 0, stream>>>(xp, cp, cq, codes_p, dist_p, N, M, K, Ds);
     } else {
-      pq_assign_kernel<scalar_t, false><<<grid, kRows, 0, stream>>>(xp, cp, nullptr, codes_p, dist_p, N, M, K, Ds);
+      pq_assign_kernel<scalar_t, false><<<grid, kRows, 0, stream>>>(xp, cp, cq, codes_p, dist_p, N, M, K, Ds);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

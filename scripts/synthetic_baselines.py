@@ -1,31 +1,54 @@
-"""Reference numbers of the SyntheticScenes benchmark (``python -m equss.data.baselines``).
+#!/usr/bin/env python
+"""Reference numbers of the SyntheticScenes benchmark (``python scripts/synthetic_baselines.py``).
 
 Chance levels, k-means (K = num_classes) + Hungarian on raw 8×8 pixel colour means and on the frozen
 :class:`equss.models.demo_backbone.DemoBackbone` features, and a linear probe on those features (the
-upper reference: how much class information a trained head could extract). The measured values are
-in the :mod:`equss.data.synthetic` docstring.
+upper reference: how much class information a trained head could extract). k-means is the package's
+own :func:`equss.ops.kmeans.product_kmeans` (k-means++ seeding, best of 5 starts by inertia) and the
+matching is :class:`equss.evaluate.ConfusionMatrix`'s Hungarian matching, the same code the EQUSS
+evaluation uses. The measured values are in the :mod:`equss.data.synthetic` docstring.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
-import numpy as np
 import torch
 
-from equss.data.synthetic import SyntheticScenes, chance_levels, hungarian_accuracy
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from equss.data.synthetic import SyntheticScenes  # noqa: E402
+from equss.evaluate import ConfusionMatrix  # noqa: E402
+from equss.normalization import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from equss.ops.kmeans import product_kmeans  # noqa: E402
+from equss.report import majority_accuracy  # noqa: E402
 
 
-def _kmeans_predict(x: np.ndarray, k: int, seed: int, n_init: int = 5) -> np.ndarray:
-    """Best-of-``n_init`` k-means++ (scipy ``kmeans2``) labels for rows of ``x [n, d]``."""
-    from scipy.cluster.vq import kmeans2
+def chance_levels(labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Chance accuracies (fractions) for labels (ignore < 0): ``majority`` (the most frequent class
+    everywhere, what a constant prediction gets after matching) and ``uniform`` (``1 / num_classes``)."""
+    return {"majority": majority_accuracy([labels]) / 100.0, "uniform": 1.0 / num_classes}
 
-    best, best_inertia = None, np.inf
+
+def hungarian_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Pixel accuracy (fraction) after the one-to-one cluster → class matching (labels < 0 ignored)."""
+    cm = ConfusionMatrix(num_classes)
+    cm.update(pred, labels)
+    return cm.compute("hungarian").accuracy / 100.0
+
+
+def _kmeans_predict(x: torch.Tensor, k: int, seed: int, n_init: int = 5) -> torch.Tensor:
+    """Cluster ids ``[n]`` of the rows of ``x [n, d]``: the best of ``n_init`` k-means++ starts."""
+    best, best_inertia = None, float("inf")
+    rows = x.float().unsqueeze(1)  # [n, 1, d]: one subspace holding the whole vector
     for i in range(n_init):
-        centroids, lab = kmeans2(x, k, minit="++", seed=seed + i)
-        inertia = float(((x - centroids[lab]) ** 2).sum())
+        g = torch.Generator().manual_seed(seed + i)
+        centroids, codes = product_kmeans(rows, k, iters=50, metric="l2", generator=g)
+        inertia = float((rows[:, 0] - centroids[0][codes[:, 0].long()]).square().sum())
         if inertia < best_inertia:
-            best, best_inertia = lab, inertia
+            best, best_inertia = codes[:, 0].long(), inertia
     return best
 
 
@@ -44,13 +67,10 @@ def _patch_kmeans_accuracy(feats: torch.Tensor, labels: torch.Tensor, k: int, se
     """k-means on per-patch feature vectors ``feats [n, C, h, w]``, prediction upsampled (nearest) to the
     label grid ``labels [n, H, W]``, Hungarian pixel accuracy."""
     n, C, h, w = feats.shape
-    x = feats.permute(0, 2, 3, 1).reshape(-1, C).double().numpy()
-    pred = _kmeans_predict(x, k, seed).reshape(n, h, w)
+    pred = _kmeans_predict(feats.permute(0, 2, 3, 1).reshape(-1, C), k, seed).reshape(n, h, w)
     H, W = labels.shape[-2:]
-    pred_up = torch.nn.functional.interpolate(
-        torch.from_numpy(pred)[:, None].float(), size=(H, W), mode="nearest"
-    )[:, 0].long()
-    return hungarian_accuracy(pred_up.numpy(), labels.numpy(), k)
+    pred_up = torch.nn.functional.interpolate(pred[:, None].float(), size=(H, W), mode="nearest")[:, 0].long()
+    return hungarian_accuracy(pred_up, labels, k)
 
 
 def _linear_probe_accuracy(train_f, train_l, val_f, val_l, num_classes: int, steps: int = 100,
@@ -124,12 +144,12 @@ def kmeans_baselines(
     val = SyntheticScenes("val", num_val, res, num_classes, seed)
     out = {}
     feats, labels = featurize(featurizer, val)
-    ch = chance_levels(labels.numpy(), num_classes)
+    ch = chance_levels(labels, num_classes)
     out["chance_majority"], out["chance_uniform"] = ch["majority"], ch["uniform"]
 
     p = featurizer.patch_size
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     imgs = torch.cat([val[i]["img"][None] for i in range(len(val))]) * std + mean
     pix = torch.nn.functional.avg_pool2d(imgs, p)
     out["kmeans_pixel_mean"] = _patch_kmeans_accuracy(pix, labels, num_classes, seed)
@@ -144,7 +164,7 @@ def kmeans_baselines(
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Reference numbers of the SyntheticScenes benchmark: chance, k-means on pixel "
         "colour means, k-means on the frozen demo featurizer, linear probe on it (val split)."
@@ -160,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
                            linear_probe=not args.no_linear)
     for k, v in res.items():
         print(f"{k:>20s}: {100 * v:6.2f} %")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

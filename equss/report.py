@@ -1,0 +1,102 @@
+"""What a run reports beside its own numbers: the k-means baseline, the chance level, the results table."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from equss.config import TrainConfig
+from equss.evaluate import ConfusionMatrix
+from equss.ops import pq_assign
+from equss.ops.kmeans import product_kmeans
+
+__all__ = ["chance_level", "format_results", "kmeans_baseline", "majority_accuracy", "summarize"]
+
+
+@torch.no_grad()
+def kmeans_baseline(train_base, val_loader, featurize, n_classes, device, seed) -> dict[str, Any]:
+    """The baseline every USS paper reports: k-means (K = n_classes) on the frozen backbone's features,
+    fitted on (a sample of) the training features, predicted on the validation set, Hungarian-matched.
+
+    ``train_base`` items carry ``"feat"`` (cached features) or ``"img"``; ``featurize`` is the run's
+    :class:`equss.pipeline.Featurizer`.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rows, budget = [], 200_000
+    idx = torch.randperm(len(train_base), generator=g).tolist()
+    count = 0
+    for i in idx:
+        item = train_base[i]
+        f = featurize({k: item[k].unsqueeze(0) for k in ("feat", "img") if k in item})
+        f = F.normalize(f.float(), dim=1)
+        rows.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu())
+        count += rows[-1].shape[0]
+        if count >= budget:
+            break
+    x = torch.cat(rows).unsqueeze(1)  # [P, 1, C], l2-normalised: spherical (cosine) k-means
+    centroids, _ = product_kmeans(x, n_classes, iters=30, metric="dot", generator=g)
+    cm = ConfusionMatrix(n_classes, n_clusters=n_classes)
+    for batch in val_loader:
+        label = batch["label"].to(device)
+        f = F.normalize(featurize(batch).float(), dim=1)
+        B, C, h, w = f.shape
+        codes, _ = pq_assign(f.permute(0, 2, 3, 1).reshape(-1, 1, C).cpu(), centroids, "dot")
+        pred = codes.reshape(B, 1, h, w).float()
+        pred = F.interpolate(pred, size=label.shape[-2:], mode="nearest").long().squeeze(1)
+        cm.update(pred.to(device), label)
+    return {"cluster": cm.compute("hungarian")}
+
+
+def majority_accuracy(labels: Iterable[Tensor]) -> float:
+    """Pixel accuracy (%) of predicting the most frequent class everywhere (labels < 0 ignored): what a
+    constant prediction gets after Hungarian matching. NaN when there is no valid pixel."""
+    counts = None
+    for lab in labels:
+        lab = lab.flatten()
+        c = torch.bincount(lab[lab >= 0])
+        counts = c if counts is None else _add_padded(counts, c)
+    if counts is None or counts.sum() == 0:
+        return float("nan")
+    return 100.0 * float(counts.max()) / float(counts.sum())
+
+
+def chance_level(loader) -> dict[str, float]:
+    """Majority-class pixel accuracy of the evaluation labels (the accuracy of predicting one class)."""
+    return {"majority_acc": majority_accuracy(batch["label"] for batch in loader)}
+
+
+def _add_padded(a: Tensor, b: Tensor) -> Tensor:
+    n = max(len(a), len(b))
+    return F.pad(a, (0, n - len(a))) + F.pad(b, (0, n - len(b)))
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"selected": result.get("selected"), "chance": result.get("chance")}
+    for key in ("no_crf", "crf", "kmeans_baseline"):
+        if key in result:
+            out[key] = {probe: res.to_dict() for probe, res in result[key].items() if probe in ("cluster", "linear")}
+    return out
+
+
+def format_results(result: dict[str, Any], cfg: TrainConfig) -> str:
+    lines = [
+        f"## EQUSS results: {cfg.data.dataset}, backbone {cfg.backbone.name} "
+        f"(checkpoint: {result['selected']['select_on']}, step {result['selected']['step']})",
+        "",
+        "| method | cluster Acc | cluster mIoU | linear Acc | linear mIoU |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    chance = result.get("chance", {}).get("majority_acc", float("nan"))
+    lines.append(f"| chance (majority class) | {chance:.1f} | — | — | — |")
+    if "kmeans_baseline" in result:
+        km = result["kmeans_baseline"]["cluster"]
+        lines.append(f"| k-means on backbone features | {km.accuracy:.1f} | {km.miou:.1f} | — | — |")
+    for key, name in (("no_crf", "EQUSS"), ("crf", "EQUSS + CRF")):
+        if key in result:
+            c, lin = result[key]["cluster"], result[key]["linear"]
+            lines.append(f"| {name} | {c.accuracy:.1f} | {c.miou:.1f} | {lin.accuracy:.1f} | {lin.miou:.1f} |")
+    return "\n".join(lines)
