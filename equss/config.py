@@ -107,6 +107,7 @@ class QuantizerConfig:
     kmeans_iters: int = 10
     dead_code_steps: int = 0
     dead_code_seed: str = "random"
+    on_invalid: str = "skip"
 
 
 @dataclass
