@@ -14,6 +14,7 @@ analysis (``scripts/analyze.py``) all start here, so they build data and feature
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from equss.checkpoint import load_checkpoint
-from equss.config import TrainConfig, check_compatible, config_from_dict, config_to_dict
+from equss.config import ConfigError, TrainConfig, check_compatible, config_from_dict, config_to_dict
 from equss.data import build_dataset
 from equss.data.feature_cache import FeatureCache
 from equss.data.knn import load_or_compute_knn
@@ -48,6 +49,8 @@ __all__ = [
     "load_run",
     "setup_runtime",
 ]
+
+log = logging.getLogger(__name__)
 
 
 # -------------------------------------------------------------------------------------------- runtime
@@ -191,15 +194,16 @@ def build_train_data(cfg: TrainConfig, backbone: nn.Module, device: torch.device
     else:
         train_base, val_base = train_images, val_images
 
+    knn_k, num_neighbors = _knn_sizes(cfg, len(train_images))
     nns, knn_path = rank0_first(
         dist,
         lambda: load_or_compute_knn(
             backbone, train_images, dataset_id(cfg, d.train_split), feature_cache_dir(cfg),
-            k=d.knn_k, device=device, progress=progress,
+            k=knn_k, device=device, progress=progress,
             features=train_base if cfg.backbone.cache_features else None,  # cached: no second backbone pass
         ),
     )
-    pairs = PairDataset(train_base, nns, d.num_neighbors, cfg.seed)
+    pairs = PairDataset(train_base, nns, num_neighbors, cfg.seed)
     anchors, holdout_loader = _holdout_split(cfg, len(train_base), kwargs)
     sampler = ResumableSampler(anchors, d.batch_size, cfg.seed, dist.rank, dist.world_size)
     loader = torch.utils.data.DataLoader(
@@ -214,6 +218,22 @@ def build_train_data(cfg: TrainConfig, backbone: nn.Module, device: torch.device
     )
     val = ValData(val_images, val_base, _val_loader(cfg, val_base), n_classes, class_names)
     return TrainData(train_images, train_base, str(knn_path), pairs, sampler, loader, holdout_loader, val)
+
+
+def _knn_sizes(cfg: TrainConfig, n: int) -> tuple[int, int]:
+    """``data.knn_k`` and ``data.num_neighbors`` capped to a training set of ``n`` images (with a notice):
+    a table holds at most ``n`` neighbours (the image itself first), and a positive is one of the others."""
+    d = cfg.data
+    if n < 2:
+        raise ConfigError(f"data.dataset: the training split has {n} image(s); kNN positives need at least 2")
+    k, nb = d.knn_k, d.num_neighbors
+    if k > n:
+        log.warning("data.knn_k=%d is more than the %d training images: using knn_k=%d", k, n, n)
+        k = n
+    if nb >= k:
+        log.warning("data.num_neighbors=%d needs knn_k > num_neighbors: using num_neighbors=%d", nb, k - 1)
+        nb = k - 1
+    return k, nb
 
 
 def _holdout_split(cfg: TrainConfig, n: int, kwargs: dict[str, Any]):

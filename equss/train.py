@@ -13,6 +13,7 @@ end; :func:`run` the programmatic one::
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import signal
@@ -36,13 +37,16 @@ from equss.checkpoint import (
 )
 from equss.config import TrainConfig, check_compatible, config_to_dict
 from equss.evaluate import evaluate_model
-from equss.io import save_json
+from equss.io import remove_stale_temporaries, save_json
 from equss.losses import STEGO_PRESETS, StegoCorrespondenceLoss
 from equss.models.equss_model import EQUSSModel
 from equss.pipeline import Featurizer, build_backbone_for, build_train_data, setup_runtime
 from equss.report import chance_level, format_results, kmeans_baseline, summarize
+from equss.runtime import seed_everything
 
 __all__ = ["Trainer", "run"]
+
+log = logging.getLogger(__name__)
 
 
 class Trainer:
@@ -56,11 +60,19 @@ class Trainer:
         self.progress = cfg.log.progress and self.dist.is_main
         if self.dist.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
+            stale = remove_stale_temporaries(self.out_dir)
+            if stale:
+                log.info("removed %d temporary file(s) left by an interrupted run: %s", len(stale),
+                         ", ".join(p.name for p in stale))
 
         self.backbone = build_backbone_for(cfg, self.device)
         self.featurize = Featurizer(self.backbone, self.device)
         self.data = build_train_data(cfg, self.backbone, self.device, self.dist, self.progress)
         self.n_classes = self.data.n_classes
+        # The model and every training draw start from the seed, whatever building the data consumed
+        # (a cold cache computes features and kNN, a warm one does not): a run is a pure function of its
+        # configuration and seed.
+        seed_everything(cfg.seed)
         self.model = EQUSSModel.from_config(cfg.model, self.backbone.embed_dim, self.n_classes).to(self.device)
         self.ddp_model: nn.Module = self.model
         if self.dist.enabled:
@@ -240,6 +252,10 @@ class Trainer:
         self.best = ckpt["best"]
         self.history = list(ckpt.get("history", []))
         restore_rng_state(ckpt["rng"])
+        if self.dist.is_main:
+            # Rows a run logged after its last checkpoint are logged again by the resumed run.
+            for kind in ("train", "val"):
+                _truncate_csv(os.path.join(self.out_dir, f"{kind}_log.csv"), self.step)
 
     # ---------------------------------------------------------------------------------------- logging
     def _log(self, row: dict[str, Any], kind: str) -> None:
@@ -267,7 +283,8 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(self.out_dir, "tb"))
+                # purge_step: a resumed run drops the events logged after its checkpoint.
+                self.tb = SummaryWriter(os.path.join(self.out_dir, "tb"), purge_step=self.step + 1 if self.step else None)
             except ImportError:
                 warnings.warn("log.tensorboard=true but tensorboard is not installed (pip install tensorboard); "
                               "logging to CSV only", stacklevel=2)
@@ -308,6 +325,21 @@ def _in_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+def _truncate_csv(path: str, last_step: int) -> None:
+    """Keep the header and the rows with ``step <= last_step`` of a log written by :meth:`Trainer._log`."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        return
+    step_col = rows[0].index("step")
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(float(r[step_col])) <= last_step]
+    if len(kept) != len(rows):
+        with open(path, "w", newline="") as fh:
+            csv.writer(fh).writerows(kept)
 
 
 def _stego_loss(cfg: TrainConfig) -> StegoCorrespondenceLoss:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from equss.data.base import SegmentationDataset, read_label_png, require_dir
+from equss.data.base import SegmentationDataset, one_line_layout, read_label_png, require_dir
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -71,7 +71,7 @@ class ImageFolder(SegmentationDataset):
         )
         if not self.images:
             raise FileNotFoundError(
-                f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.img_dir}. Expected layout:\n{LAYOUT}"
+                f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.img_dir}; expected layout: {one_line_layout(LAYOUT)}"
             )
         self.class_names = list(class_names) if class_names else []
         self.label_offset = label_offset
@@ -88,11 +88,17 @@ class ImageFolder(SegmentationDataset):
             missing = [p for p in self.labels if not p.is_file()]
             if missing:
                 raise FileNotFoundError(
-                    f"{len(missing)} label PNGs missing in {self.label_dir}, first: {missing[0]}. Expected layout:\n{LAYOUT}"
+                    f"{len(missing)} label PNGs missing in {self.label_dir}, first: {missing[0]}; expected layout: {one_line_layout(LAYOUT)}"
                 )
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def source_files(self) -> list[Path]:
+        return list(self.images) + list(self.labels or [])
+
+    def fingerprint_fields(self) -> dict:
+        return {**super().fingerprint_fields(), "label_offset": self.label_offset, "ignore_value": self.ignore_value}
 
     def load_raw(self, index: int) -> tuple[Image.Image, np.ndarray | None]:
         with Image.open(self.images[index]) as im:
