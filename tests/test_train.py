@@ -203,3 +203,18 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert ckpt["step"] == 4
     rows = _read_csv(tmp_path / "run" / "train_log.csv")
     assert len(rows) == 4  # rank 0 logs once per step, rank 1 never
+
+
+def test_cold_and_warm_caches_give_the_same_run(tmp_path):
+    """A run is a pure function of its configuration and seed: building the feature caches and the kNN
+    table (cold) or reading them (warm) must not change a single logged number."""
+    from equss.train import run
+
+    cache = tmp_path / "shared_cache"
+    logs = []
+    for name in ("cold", "warm"):
+        run(load_config(None, [*TINY, f"output_dir={tmp_path / name}", f"backbone.cache_dir={cache}",
+                               "optim.max_steps=6"]))
+        logs.append(((tmp_path / name / "train_log.csv").read_text(), (tmp_path / name / "val_log.csv").read_text()))
+    assert (cache / "nns").is_dir() and any((cache / "features").iterdir())
+    assert logs[0] == logs[1]
