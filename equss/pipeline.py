@@ -96,6 +96,8 @@ def dataset_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     if d.dataset == "synthetic":
         s = d.synthetic
         kwargs.update(num_train=s.num_train, num_val=s.num_val, num_classes=s.num_classes, seed=cfg.seed)
+    elif d.dataset == "imagefolder":
+        kwargs.update(class_names=d.class_names, num_classes=d.num_classes, num_clusters=d.num_clusters)
     return kwargs
 
 

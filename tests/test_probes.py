@@ -110,3 +110,21 @@ def test_upsample_to():
     ramp = torch.arange(2.0).view(1, 1, 1, 2).expand(1, 1, 2, 2)
     # align_corners=False: output pixel centres at (j + 0.5)/2 − 0.5 of the input grid → 0, 0.25, 0.75, 1
     assert upsample_to(ramp, (2, 4))[0, 0, 0].tolist() == [0.0, 0.25, 0.75, 1.0]
+
+
+def test_cluster_loss_at_label_size_equals_upsample_then_loss_in_chunks(monkeypatch):
+    """The authors' training loss: q upsampled bilinearly to the label size, then −mean of the best cosine.
+    Computed a chunk of images at a time; chunking must not change the value or the centroid gradient."""
+    from equss.nn import probes
+
+    torch.manual_seed(0)
+    probe = ClusterProbe(16, 3, extra_clusters=1)
+    x = torch.randn(5, 16, 4, 6)
+    naive = -probe(F.interpolate(x, size=(12, 18), mode="bilinear", align_corners=False)).max(1).values.mean()
+    (g_naive,) = torch.autograd.grad(naive, probe.clusters)
+    monkeypatch.setattr(probes, "_LOSS_CHUNK_VALUES", 2 * 16 * 12 * 18)  # 2 images per chunk: 3 chunks
+    chunked = probe.loss(x, size=(12, 18))
+    (g_chunked,) = torch.autograd.grad(chunked, probe.clusters)
+    torch.testing.assert_close(chunked, naive)
+    torch.testing.assert_close(g_chunked, g_naive)
+    assert not torch.allclose(probe.loss(x), naive)  # the 4×6 loss is a different number

@@ -34,6 +34,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether items carry label maps (unlabelled sets give all ``-1`` and no metrics)."""
+        return True
+
     def load_raw(self, index: int) -> tuple[Image.Image, np.ndarray | None]:
         raise NotImplementedError
 

@@ -298,7 +298,7 @@ class FeatureCache:
     def load(self) -> CachedFeatures | None:
         """The valid entry for this key, or None (the reason is logged at INFO level)."""
         if not self.path.exists():
-            logger.info("feature cache: no entry at %s", self.path)
+            logger.debug("feature cache: no entry at %s", self.path)
             return None
         try:
             return _open_entry(self.path, self.key_fields, self.verify)

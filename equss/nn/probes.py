@@ -20,6 +20,9 @@ from torch import Tensor, nn
 
 __all__ = ["ClusterProbe", "LinearProbe", "upsample_to"]
 
+# Upsampled feature values formed at once by ClusterProbe.loss (2^26 fp32 = 256 MB).
+_LOSS_CHUNK_VALUES = 1 << 26
+
 
 def upsample_to(features: Tensor, size: Sequence[int]) -> Tensor:
     """Bilinear resize ``[B, D, h, w] → [B, D, H, W]`` with ``align_corners=False`` (STEGO/EQUSS eval)."""
@@ -79,9 +82,24 @@ class ClusterProbe(nn.Module):
         centroids, _ = product_kmeans(rows, self.n_clusters, iters=iters, metric="dot", generator=generator)
         self.clusters.copy_(centroids[0].to(self.clusters))
 
-    def loss(self, x: Tensor) -> Tensor:
-        """Hard-assignment loss: ``−mean over pixels of max_n similarity`` (all pixels, no labels)."""
-        return -self(x).max(dim=1).values.mean()
+    def loss(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
+        """Hard-assignment loss: ``−mean over pixels of max_n similarity`` (all pixels, no labels).
+
+        ``size``: upsample ``x`` bilinearly (:func:`upsample_to`) to this ``(H, W)`` first, so the mean is over
+        label-resolution pixels — what the EQUSS authors' training does (their evaluator upsamples q to the
+        label size before both probes). The upsampled features are formed a chunk of images at a time
+        (at most ~2²⁶ values, 256 MB in fp32) so memory stays bounded; the gradient reaches the centroids
+        the same way.
+        """
+        if size is None or tuple(x.shape[-2:]) == tuple(int(s) for s in size[-2:]):
+            return -self(x).max(dim=1).values.mean()
+        H, W = (int(s) for s in size[-2:])
+        per_image = x.shape[1] * H * W
+        chunk = max(1, _LOSS_CHUNK_VALUES // max(per_image, 1))
+        total = x.new_zeros((), dtype=torch.float32)
+        for i in range(0, x.shape[0], chunk):
+            total = total + self(upsample_to(x[i : i + chunk], (H, W))).max(dim=1).values.float().sum()
+        return -total / (x.shape[0] * H * W)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
