@@ -23,8 +23,17 @@ K=1024 Ds=32) and dtypes (fp32 with each matmul precision, bf16), this script
    every program of the grid from the launch's scalars and ``tl.program_id`` (vectorised), give the
    trip count of each loop; SASS loops are matched to TTIR loops by nesting order. The loads, stores
    and atomics of the TTIR, traced back to the kernel argument they address, give the bytes each
-   program moves and which tensors are read/written (the minimum HBM bytes);
+   program moves and which tensors are read/written (the minimum HBM bytes). A SASS loop whose body
+   moves u ≥ 2 times the global bytes of one TTIR iteration was runtime-unrolled by ptxas: it counts
+   1/u per iteration and the u − 1 remainder copies after it are not counted; ``CALL``-ed subroutines
+   (ptxas slow paths, e.g. 64-bit division) are not counted. The counted SASS global bytes are
+   cross-checked against the TTIR's (``sass_vs_ttir_bytes`` in the JSON);
 5. **predicts the time** (:func:`predict`) and reports it against the roofline.
+
+Why capture instead of re-deriving grids: the launchers' own code (``pick_config``, grid, the segment
+sum's ``rows_per_prog`` from the SM count) runs unchanged, so a redesigned kernel is modelled as it will
+launch. ``tests/test_kernel_model.py::test_capture_matches_a_real_launch`` checks at small shapes that the
+capture equals a real (interpreted, intercepted) launch of the same launcher.
 
 Time formula (per launch, per GPU; constants in :class:`GPU`)::
 
@@ -45,14 +54,20 @@ Time formula (per launch, per GPU; constants in :class:`GPU`)::
                 region, e.g. codes → codewords is 2; latency: DRAM for compulsory bytes, L2 for re-reads;
                 overlap: num_stages − 1 for innermost loops the pipeliner prefetches, else 1)
     T = max(T_compute, T_hbm, T_l2, T_latency) + launch_overhead;   bottleneck = the argmax
+    (the JSON also has every bound alone as a % of the roofline)
 
     roofline = max(minimum HBM bytes / HBM bandwidth, useful FLOPs / peak rate of the precision used)
     (useful FLOPs: the op's, e.g. 2·N·M·K·Ds for the assignment, attributed to the op's first launch;
     rate: bf16/fp16 tensor cores; TF32 tensor cores for "tf32", a third of it for "tf32x3" (three
     products); the FP32 FMA pipe for "ieee", which tensor cores cannot do); % of roofline = roofline / T.
 
-Assumptions and known blind spots (all uncalibrated until the first GPU measurement; see
-``--calibrate``, which compares these predictions with the JSON of ``benchmarks/test_bench_gpu.py``):
+Calibration: the constants of :class:`GPU` (latencies, L2 bandwidth, ``warps_to_saturate``, HBM
+efficiency, launch overhead, the mma.sync rate on sm_90) are literature values, **uncalibrated**: there is
+no GPU measurement of these kernels yet. ``--calibrate PATH`` reads the pytest-benchmark JSON of
+``benchmarks/test_bench_gpu.py`` (or a ``{model key: µs}`` map, e.g. from a profiler) and prints the
+model's error per case; the first real GPU run is the calibration point.
+
+Assumptions and known blind spots:
 
 * **Latency hiding**: pipes are assumed saturated from ``warps_to_saturate`` = 2 resident warps per
   scheduler on (the loops are unrolled with much ILP), linearly worse below; dependency chains inside
@@ -399,8 +414,10 @@ def mix_key(ins: Instr) -> str:
     cls = instr_class(ins.opcode)
     if cls == "mma":
         return ".".join(ins.opcode.split(".")[:2]) + "." + (mma_shape(ins.opcode) or (0, 0, 0, "?", 0))[3]
+    if ins.base in ("LDSM", "STSM"):
+        return f"{ins.base}.x{warp_bytes(ins) // 128}"  # 8x8 16-bit matrices per instruction
     if cls in MEMORY_CLASSES:
-        return f"{ins.base}.{warp_bytes(ins) * 8 // 32 if ins.base not in ('LDSM', 'STSM') else ins.opcode.split('.')[-1]}"
+        return f"{ins.base}.{access_bytes(ins.opcode) * 8}"  # bits per lane
     return ins.base
 
 
@@ -809,7 +826,6 @@ def capture(gpu: GPU):
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
-    from triton.runtime import jit as J
 
     launches: list[Launch] = []
     torch_ops: list[TorchOp] = []
@@ -1209,6 +1225,8 @@ def predict(a: dict, comp: dict, P: int, gpu: GPU, useful_flops: float, precisio
         "pct_of_roofline": round(100 * roof / t, 1),
         "bottleneck": bottleneck if bounds[bottleneck] > gpu.launch_us else "launch",
         "bounds_us": {k: round(v, 2) for k, v in bounds.items()},
+        # each bound alone as a fraction of the roofline (100 %: that resource alone would reach it)
+        "bounds_pct_of_roofline": {k: round(100 * roof / (v + gpu.launch_us), 1) for k, v in bounds.items()},
         "waves": waves,
     }
 
@@ -1301,6 +1319,7 @@ def run_model(shapes: list[Shape] | None = None, gpus: tuple[str, ...] = ("H100"
         unused += [c.describe() for c in getattr(mod, "CONFIGS", ()) if c.describe() not in used_configs]
     return {
         "generated_by": "scripts/kernel_model.py",
+        "kernels_commit": kernels_commit(),
         "triton": triton.__version__,
         "gpus": {g: dataclasses.asdict(GPUS[g]) for g in gpus},
         "shapes": [dataclasses.asdict(s) for s in shapes],
@@ -1308,6 +1327,18 @@ def run_model(shapes: list[Shape] | None = None, gpus: tuple[str, ...] = ("H100"
         "ops": op_rows,
         "configs_not_launched": sorted(set(unused)),
     }
+
+
+def kernels_commit() -> str:
+    """Short hash of the last commit touching ``kernels/`` (``+dirty`` with uncommitted changes there)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        return git("log", "-1", "--format=%h", "--", "kernels") + ("+dirty" if git("status", "--porcelain", "--", "kernels") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def op_min_bytes(op_args, op_out, written: dict) -> int:
@@ -1365,7 +1396,7 @@ def hot_summary(loop: dict | None) -> str:
 MODEL_SUMMARY = (
     "How it works: each launch is captured from the launcher itself on fake CUDA tensors (grid, scalars, "
     "constexprs, warps, stages as at run time), compiled ahead of time with the real launch's specialisation "
-    "(`tt.divisibility` 16 on N, M, K, Ds and the pointers), its SASS loops found from backward branches and "
+    "(at these shapes `tt.divisibility` 16 on N, M, K, Ds and the pointers), its SASS loops found from backward branches and "
     "matched to the Triton IR's `scf.for` loops, whose bounds give the trip counts per program. Time = "
     "max(compute, HBM, L2, latency) + 2 µs launch, where compute = waves × resident programs × the busiest "
     "pipe's cycles per program (issue 4 warp-instr/clk/SM; FP32 FMA; ALU for integer/compare/select; MUFU and "
@@ -1382,6 +1413,11 @@ MODEL_SUMMARY = (
     "`benchmarks/test_bench_gpu.py` and prints the model's error; the constants are to be fitted to the first "
     "GPU measurement (there is none yet)."
 )
+
+
+BOUND_NAMES = {"issue": "issue", "fma": "FMA pipe", "alu": "ALU pipe", "xu": "MUFU/conversion", "fp64": "FP64",
+               "tensor": "tensor cores", "l1": "shared/L1", "shfl": "shuffle", "hbm": "HBM", "l2": "L2",
+               "latency": "memory latency", "launch": "launch"}
 
 
 def _unique_launches(result: dict, shape: str, arch: str) -> list[tuple[dict, list[str], str]]:
@@ -1412,17 +1448,19 @@ def to_markdown(result: dict, gpu: str = PRIMARY_GPU) -> str:
     others = [k for k in result["gpus"] if k != gpu]
     also = ", ".join(f"{result['gpus'][o]['name']} (sm_{result['gpus'][o]['arch']} SASS)" for o in others)
     lines = [
-        f"Static cost model (`python scripts/kernel_model.py --readme README.md --json "
-        f"benchmarks/results/kernel_model.json`; Triton {result['triton']}), predicted on an {g.name} "
-        f"({g.sms} SMs, {g.clock_ghz} GHz, {g.hbm_GBps / 1000:.2f} TB/s HBM) from sm_{g.arch} SASS"
-        + (f"; also {also}" if also else "") + ". **Uncalibrated: no GPU measurement yet.**",
+        "Predicted speed without a GPU: a static cost model (`python scripts/kernel_model.py --readme README.md "
+        f"--json benchmarks/results/kernel_model.json`; Triton {result['triton']}, kernels at "
+        f"{result.get('kernels_commit', '?')}) on an {g.name} ({g.sms} SMs, {g.clock_ghz} GHz, "
+        f"{g.hbm_GBps / 1000:.2f} TB/s HBM) from sm_{g.arch} SASS" + (f"; also {also}" if also else "")
+        + ". `tests/test_kernel_model.py` fails when a prediction regresses by more than 15 % against the "
+        "committed `benchmarks/results/kernel_model.json`. **Uncalibrated: no GPU measurement yet.**",
         "",
         MODEL_SUMMARY,
         "",
         "Columns: REG = registers/thread, occ. = resident warps / 64, hot loop = trips per program × instructions "
         "per warp and iteration (by class; memory with bits per lane), µs = predicted, % roofline = roofline / "
-        "predicted, bottleneck = the largest bound (pipe, `hbm`, `l2`, `latency`, or `launch` when the launch "
-        "overhead dominates).",
+        "predicted, bottleneck = the largest bound (a pipe, HBM, L2, memory latency, or launch when the launch "
+        "overhead dominates). The JSON has every bound, the per-class instruction mix, bytes and trip counts.",
         "",
     ]
     for shape in result["shapes"]:
@@ -1436,7 +1474,7 @@ def to_markdown(result: dict, gpu: str = PRIMARY_GPU) -> str:
             flag = "" if a["loop_match"] else " (loops unmatched)"
             line = (f"| `{r['kernel']}` | {dtype} | {', '.join(ops)} | `{_short_config(r['config'])}` | {a['reg']} | "
                     f"{a['occupancy']['occupancy']:.0%} | {a['hot_loop_summary']}{flag} | {p['predicted_us']:,.1f} | "
-                    f"{p['roofline_us']:,.1f} | {p['pct_of_roofline']:.0f}% | {p['bottleneck']} |")
+                    f"{p['roofline_us']:,.1f} | {p['pct_of_roofline']:.0f}% | {BOUND_NAMES.get(p['bottleneck'], p['bottleneck'])} |")
             line += "".join(f" {r['gpu'][o]['predicted_us']:,.1f} |" for o in others)
             lines.append(line)
         lines.append("")
