@@ -245,15 +245,21 @@ def find_loops(instrs: list[Instr]) -> list[Loop]:
     """Natural loops from backward branches, ordered by start address, with nesting (parent, depth).
 
     A branch to an address at or before itself closes a loop ``[target, branch]``; several backward
-    branches to one target are one loop (the last one ends it). Self-branches (``BRA`` to its own
-    address, ptxas's end-of-code trap after ``EXIT``) are not loops.
+    branches to one target are one loop (the last one ends it). Not loops: self-branches (``BRA`` to its
+    own address, ptxas's end-of-code trap after ``EXIT``); spin-waits (a backward branch around nothing
+    but synchronisation, e.g. the mbarrier ``SYNCS.PHASECHK`` retry of TMA loads: it waits, it does no
+    work); and re-entries (out-of-line code after a loop that branches back into its middle, e.g. that
+    retry's slow path, which overlaps the loop instead of nesting in it).
     """
     ends: dict[int, int] = {}
     for ins in instrs:
         t = branch_target(ins)
         if t is not None and t < ins.addr:
             ends[t] = max(ends.get(t, t), ins.addr)
-    loops = [Loop(s, e) for s, e in sorted(ends.items(), key=lambda se: (se[0], -se[1]))]
+    work = lambda a, b: any(a <= i.addr <= b and instr_class(i.opcode) not in ("sync", "control") for i in instrs)
+    spans = sorted(((s, e) for s, e in ends.items() if work(s, e)), key=lambda se: (se[0], -se[1]))
+    spans = [(s, e) for s, e in spans if not any(s2 < s <= e2 < e for s2, e2 in spans)]  # drop re-entries
+    loops = [Loop(s, e) for s, e in spans]
     for i, lp in enumerate(loops):
         outer = [j for j in range(len(loops)) if j != i and loops[j].start <= lp.start and lp.end <= loops[j].end]
         if outer:  # innermost enclosing loop: the shortest
@@ -476,6 +482,7 @@ class MemOp:
     bytes: int  # per execution, all elements (masks ignored)
     region: int
     text: str
+    descriptor: bool = False  # a tensor-descriptor (TMA) access: no per-lane SASS bytes to compare with
 
 
 @dataclass
@@ -570,7 +577,7 @@ def parse_ttir(text: str) -> IR:
                 defs[f"{name}#{i}"] = d
         if op in _MEM_OPS and operands:
             types = rest.split(" : ", 1)[1] if " : " in rest else ""
-            memops.append(MemOp(_MEM_OPS[op], operands[0], type_bytes(types), region, line))
+            memops.append(MemOp(_MEM_OPS[op], operands[0], type_bytes(types), region, line, "descriptor" in op))
         if opens > 0:
             stack.append(-2)
         elif opens < 0:
@@ -1074,7 +1081,7 @@ def analyse(launch: Launch, comp: dict) -> dict:
     unroll = []
     for li in range(len(sloops)):
         sb = sum(global_warp_bytes(i) for i, o in zip(instrs, owner) if o == li) * nw
-        tb = sum(mo.bytes for mo in ir.memops if mo.region == li) if matched else 0
+        tb = sum(mo.bytes for mo in ir.memops if mo.region == li and not mo.descriptor) if matched else 0
         unroll.append(unroll_factor(sb, tb))
     weights = [1.0 if li is None else s_exec[li] / unroll[li] for li in owner]
     for li, u in enumerate(unroll):
@@ -1127,7 +1134,7 @@ def analyse(launch: Launch, comp: dict) -> dict:
     # cross-check: global bytes of the counted SASS instructions vs the TTIR's (should agree up to
     # redundant per-warp loads of small tensors; a large gap means a misread of the control flow)
     sass_bytes = sum(global_warp_bytes(i) * w for i, w in weighted) * nw * P
-    ttir_bytes = traffic["load"] + traffic["store"] + traffic["atomic"]
+    ttir_bytes = sum(mo.bytes * float(region_exec(mo.region)) * P for mo in ir.memops if not mo.descriptor)
     bytes_ratio = sass_bytes / ttir_bytes if ttir_bytes else 1.0
     if not 0.67 <= bytes_ratio <= 1.5:
         notes.append(f"{launch.name}: counted SASS global bytes are {bytes_ratio:.2f}× the TTIR's")

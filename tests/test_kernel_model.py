@@ -132,6 +132,27 @@ def test_find_loops_nesting_and_self_branch():
     assert KM.innermost_loop(loops, 0xC0) is None
 
 
+def test_find_loops_ignores_tma_spin_waits_and_re_entries():
+    # the shape of a TMA-pipelined loop (Triton 3.8, sm_90): the mbarrier wait retries out of line after
+    # EXIT and branches back into the loop body
+    sass = """
+        /*0ad0*/                   ELECT P0, URZ, PT ;
+        /*0c80*/              @UP2 UTMALDG.2D [UR16], [UR6] ;
+        /*0c90*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8+0x4000], RZ ;
+        /*0ca0*/               @!P0 BRA 0x1110 ;
+        /*0cb0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0cc0*/                   FADD R4, R4, R5 ;
+        /*0f90*/               @!P0 BRA 0xad0 ;
+        /*1100*/                   EXIT ;
+        /*1110*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8+0x4000], RZ ;
+        /*1120*/               @!P0 BRA 0x1110 ;
+        /*1130*/                   BRA 0xcb0 ;
+        /*1140*/                   BRA 0x1140;
+    """
+    loops = KM.find_loops(KM.parse_sass(sass))
+    assert [(hex(lp.start), hex(lp.end)) for lp in loops] == [("0xad0", "0xf90")]
+
+
 def test_instruction_classes_widths_and_mma_shapes():
     cls = KM.instr_class
     assert cls("FFMA") == "fp32" and cls("IMAD.MOV.U32") == "imad" and cls("ISETP.GE.AND") == "cmp/sel"
@@ -348,27 +369,42 @@ def test_capture_matches_a_real_launch(op, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------- regression
-@pytest.mark.slow  # ~30 s warm, 1-2 minutes cold (module docstring)
-@pytest.mark.triton
-def test_predictions_do_not_regress(tmp_path):
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory):
+    """One run of the model in its own process (no TRITON_INTERPRET), compared with the committed JSON."""
     pytest.importorskip("triton")
     assert COMMITTED.exists(), "run: python scripts/kernel_model.py --json benchmarks/results/kernel_model.json"
-    out = tmp_path / "model.json"
+    out = tmp_path_factory.mktemp("kernel_model") / "model.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quiet", "--json", str(out), "--compare", str(COMMITTED)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200,
     )
-    print(proc.stderr)  # new / removed / faster keys are reported, not failures
     assert out.exists(), f"the model failed before writing its JSON:\n{proc.stderr[-4000:]}"
-    result = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+@pytest.mark.slow  # ~30 s warm, 1-2 minutes cold (module docstring)
+@pytest.mark.triton
+def test_predictions_do_not_regress(model_run):
+    proc, result = model_run
+    print(proc.stderr)  # new / removed / faster keys are reported, not failures
     assert result["rows"], "no launch modelled"
+    regressions = [line for line in proc.stderr.splitlines() if line.startswith("REGRESSION")]
+    assert proc.returncode == 0 and not regressions, "\n".join(regressions) or proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_model_reads_every_kernel(model_run):
+    """The model's own sanity checks: SASS loops matched to the TTIR's, trip counts evaluated, and the
+    counted SASS global bytes within [0.67, 1.5]× the TTIR's. A failure means a kernel's control flow is
+    beyond what the model reads (see the row's notes): extend scripts/kernel_model.py, do not trust its row."""
+    _, result = model_run
     for r in result["rows"]:
         for arch, a in r["arch"].items():
             assert a["loop_match"], f"{r['key']} {arch}: SASS and TTIR loops differ: {a['notes']}"
             assert not any("trip counts unknown" in n for n in a["notes"]), f"{r['key']} {arch}: {a['notes']}"
-            assert 0.67 <= a["sass_vs_ttir_bytes"] <= 1.5, f"{r['key']} {arch}: control flow misread"
+            assert 0.67 <= a["sass_vs_ttir_bytes"] <= 1.5, f"{r['key']} {arch}: control flow misread: {a['notes']}"
         for g, p in r["gpu"].items():
             assert p["predicted_us"] > 0 and p["roofline_us"] >= 0, (r["key"], g)
-    regressions = [line for line in proc.stderr.splitlines() if line.startswith("REGRESSION")]
-    assert proc.returncode == 0 and not regressions, "\n".join(regressions) or proc.stderr[-4000:]
