@@ -9,7 +9,8 @@ analysis (``scripts/analyze.py``) all start here, so they build data and feature
   backbone on the images (and always the backbone for flipped images);
 * :func:`build_train_data` / :func:`build_val_data` — datasets, feature caches, kNN pairs, sampler,
   loaders;
-* :func:`load_run` — a trained checkpoint with its configuration, backbone, model and validation data.
+* :func:`load_trained` / :func:`load_run` — a trained checkpoint with its configuration, backbone and
+  model (and, for :func:`load_run`, its validation data).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from equss.checkpoint import load_checkpoint
+from equss.checkpoint import CheckpointError, load_checkpoint
 from equss.config import ConfigError, TrainConfig, check_compatible, config_from_dict, config_to_dict
 from equss.data import build_dataset
 from equss.data.feature_cache import FeatureCache
@@ -47,6 +48,7 @@ __all__ = [
     "dataset_kwargs",
     "feature_cache_dir",
     "load_run",
+    "load_trained",
     "setup_runtime",
 ]
 
@@ -286,6 +288,30 @@ class LoadedRun:
     featurize: Featurizer
 
 
+def load_trained(
+    checkpoint_path: str, overrides: Sequence[str] = (), device: str = "auto"
+) -> tuple[TrainConfig, EQUSSModel, nn.Module, dict[str, Any], torch.device]:
+    """``(cfg, model in eval mode, backbone, checkpoint, device)`` of the run that wrote ``checkpoint_path``.
+
+    The checkpoint carries its configuration; ``overrides`` (``key=value``) may change non-structural
+    settings, e.g. ``data.root`` when the data moved (structural keys must match).
+    """
+    dev = resolve_device(device, DistInfo())
+    ckpt = load_checkpoint(checkpoint_path, map_location=dev)
+    cfg = config_from_dict(ckpt["config"], overrides)
+    check_compatible(ckpt["config"], config_to_dict(cfg), checkpoint_path)
+    backbone = build_backbone_for(cfg, dev)
+    if backbone.embed_dim != int(ckpt["in_dim"]):
+        raise CheckpointError(
+            f"backbone {cfg.backbone.name} gives {backbone.embed_dim} channels but the checkpoint "
+            f"{checkpoint_path} was trained on {ckpt['in_dim']}"
+        )
+    model = EQUSSModel.from_config(cfg.model, int(ckpt["in_dim"]), int(ckpt["n_classes"])).to(dev)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return cfg, model, backbone, ckpt, dev
+
+
 def load_run(
     checkpoint_path: str,
     overrides: Sequence[str] = (),
@@ -300,23 +326,10 @@ def load_run(
     The checkpoint carries its configuration; ``overrides`` (``key=value``) may change non-structural
     settings, e.g. ``data.root`` when the data moved (structural keys must match: checkpoint.py).
     """
-    dev = resolve_device(device, DistInfo())
-    ckpt = load_checkpoint(checkpoint_path, map_location=dev)
-    cfg = config_from_dict(ckpt["config"], overrides)
-    check_compatible(ckpt["config"], config_to_dict(cfg), checkpoint_path)
+    cfg, model, backbone, ckpt, dev = load_trained(checkpoint_path, overrides, device)
     if cache_features is not None:
         cfg.backbone.cache_features = cache_features
-
-    backbone = build_backbone_for(cfg, dev)
     val = build_val_data(cfg, backbone, dev, progress, batch_size, num_workers)
-    model = EQUSSModel.from_config(cfg.model, int(ckpt["in_dim"]), int(ckpt["n_classes"])).to(dev)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    if backbone.embed_dim != int(ckpt["in_dim"]):
-        raise RuntimeError(
-            f"backbone {cfg.backbone.name} gives {backbone.embed_dim} channels but the checkpoint "
-            f"{os.path.basename(checkpoint_path)} was trained on {ckpt['in_dim']}"
-        )
     return LoadedRun(
         cfg=cfg, model=model, backbone=backbone, val=val, n_classes=int(ckpt["n_classes"]),
         class_names=list(ckpt["class_names"]), device=dev, checkpoint=ckpt, featurize=Featurizer(backbone, dev),

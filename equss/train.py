@@ -246,6 +246,7 @@ class Trainer:
             "history": self.history,
             "n_classes": self.n_classes,
             "class_names": self.data.val.class_names,
+            "labelled": self.labelled,
             "in_dim": self.backbone.embed_dim,
         }
 

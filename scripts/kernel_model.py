@@ -1248,10 +1248,9 @@ def _precision(dtype_label: str) -> str:
 def run_model(shapes: list[Shape] | None = None, gpus: tuple[str, ...] = ("H100", "H200", "A100"),
               ops: list[str] | None = None, log=None) -> dict:
     """Capture, compile, analyse and predict every launch of every op at every shape and dtype."""
+    import equss.kernels as K
     import numpy  # noqa: F401  (fail early)
     import triton
-
-    import equss.kernels as K
     from equss.kernels import _config as C
 
     log = log or (lambda *a: None)
