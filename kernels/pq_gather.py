@@ -107,8 +107,9 @@ def pick_config(dtype: torch.dtype, Ds: int) -> GatherConfig:
     return GatherConfig(_AS_INT[size], Ds == 32, BLOCK_R=_gather_rows(size))
 
 
-# Resident programs per SM for the grid-stride gather (16 × 4 warps = 64 warps at ≤ 32 registers).
-_PROGRAMS_PER_SM = 16
+# Programs per SM of the grid-stride gather: all resident at once (8 × 4 warps at ≤ 64 registers per
+# thread; sm_90: 31-37 for the Ds = 32 variants), as in pq_segment_sum.
+_PROGRAMS_PER_SM = 8
 
 
 def pq_gather_triton(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:

@@ -7,14 +7,17 @@ The reduction behind the gather backward (:mod:`equss.kernels.pq_gather`) and th
 Two modes, both reading every value once and doing no one-hot products:
 
 * **Scatter** (the default; nondeterministic). ``v`` and ``codes`` are walked as ``N·M`` contiguous
-  *flat rows* ``r = n·M + m`` (``m = r mod M``, a 32-bit remainder per row, never per element), in
-  tiles of ``BLOCK_R`` rows, grid-stride over a grid sized to fill the GPU once. Each row's Ds-vector
-  is added into ``sums[m, code, :]`` by vector atomics (sm_90: ``REDG.E.ADD.F32x4``, 16 bytes per
-  thread, one sector-sized reduction per 8 values at L2), and in statistics mode a ``+1.0`` goes into
-  ``counts[m, code]`` (one 4-byte ``REDG`` per row). The order in which the atomics land varies from
-  run to run, so sums may differ in the last bits between runs (counts never do: integers below 2²⁴
-  are exact in fp32 in any order). fp32 atomic adds flush subnormal operands to zero (PTX ``red.add.f32``);
-  a subnormal term therefore counts as 0 (an absolute error below 2⁻¹²⁶ per term).
+  *flat rows* ``r = n·M + m`` in tiles of ``BLOCK_R`` rows (one contiguous load of codes, one of values
+  per tile), grid-stride over a grid that is resident at once; the grid stride is a multiple of ``M``
+  (:func:`row_tile_programs`), so each row lane's subspace ``m = r mod M`` is computed once per program,
+  never per tile or element. Each row's Ds-vector is added into ``sums[m, code, :]`` by vector atomics
+  (sm_90: ``REDG.E.ADD.F32x4``, 16 bytes per thread, one 128-byte row = 4 sector reductions at L2), and
+  in statistics mode a ``+1.0`` goes into ``counts[m, code]`` (one 4-byte ``REDG`` per row). The order
+  in which the atomics land varies from run to run, so sums may differ in the last bits between runs
+  (counts never do: integers below 2²⁴ are exact in fp32 in any order). fp32 atomic adds flush
+  subnormal operands to zero (PTX ``red.add.f32``): a subnormal term counts as 0 (an absolute error
+  below 2⁻¹²⁶ per term). Shared-memory privatisation of the ``[K, Ds]`` tables would save the L2
+  atomic traffic, but Triton cannot scatter into shared memory.
 * **Sorted** (deterministic, bit-identical between runs and independent of the GPU). The flat rows are
   stably sorted by ``m·K + code`` (``torch.sort``), segment boundaries found with ``torch.searchsorted``,
   and one program per ``(m, k)`` (and Ds chunk) sums its rows in a fixed order (``BLOCK_R`` lanes, each
@@ -28,8 +31,9 @@ Statistics mode (``with_counts=True``, :func:`equss.ops.reference.pq_cluster_sta
 rows, whose fp32 squared norm is not finite, in-kernel: a row's atomics (or its lane's additions) are
 masked off, so a NaN never meets a sum (no ``0·NaN``). Gradient mode (``with_counts=False``) adds every
 row. Codes outside ``[0, K)`` contribute nothing in both. Accumulation is fp32 of the values rounded to
-fp32 (float64 statistics rows are rounded first, like the reference); an element summing ``n`` terms is
-within ``(n + 1)·U·Σ|terms|`` of the exact sum in either mode (every term is added once, in fp32).
+fp32 (float64 statistics rows are rounded first, like the reference; float64 gradients are summed in
+float64); an element summing ``n`` terms is within ``(n + 1)·U·Σ|terms|`` of the exact sum in either
+mode (every term is added once, in the accumulation format: no splitting or rounding of the values).
 
 Offsets: a row's base offset is int64 (``N·M·Ds`` may pass 2³¹); per-element offsets within a tile and
 the offsets into ``[M, K, Ds]`` are int32 (the launcher checks ``M·K·Ds < 2³¹``).
@@ -280,13 +284,15 @@ def row_tile_programs(n_tiles: int, block_r: int, M: int, target: int) -> int:
     kernels compute ``m`` once per row and program). ``target`` is the wanted number of programs.
     """
     q = M // math.gcd(M, block_r)  # programs must come in multiples of q
-    programs = triton.cdiv(max(1, target), q) * q
+    programs = max(1, target) // q * q or q  # at most target unless q itself is larger
     return max(1, min(n_tiles, programs))
 
 
-# Resident programs per SM the scatter grid aims for: 16 programs × 4 warps = 64 warps, the sm_90 maximum
-# (the kernel uses ≤ 32 registers per thread; scripts/triton_resources.py), each looping over tiles.
-_PROGRAMS_PER_SM = 16
+# Programs per SM of the grid-stride scatter: all of them resident at once (no partial second wave), which
+# 8 programs × 4 warps are whenever the kernel needs ≤ 64 registers per thread (sm_90: 30-56 for the
+# Ds = 32 variants; scripts/triton_resources.py). 32 warps per SM keep ≥ 32 KB of loads in flight, more
+# than DRAM latency × bandwidth per SM (≈ 1000 cycles × 14.5 B/cycle).
+_PROGRAMS_PER_SM = 8
 
 
 def _segment_sum(
