@@ -5,7 +5,9 @@ run the real kernels on CPU tensors in Triton's interpreter; with a GPU they run
 the launchers only ever pick configurations from their module's ``CONFIGS`` (what
 ``tests/test_triton_compile.py`` compiles ahead of time), the matmul precision choice
 (``EQUSS_TRITON_PRECISION``), float64 inputs running as float32, the Triton segment sum's own error
-bound (three bfloat16 pieces per fp32 value) and int64 offsets past 2³¹ elements (CUDA only).
+bound (each term added once in fp32, scatter and sorted kernels), its deterministic mode
+(``EQUSS_DETERMINISTIC``, ``torch.use_deterministic_algorithms``) and its independence of the grid, the
+grid-stride invariant of the scatter and gather launchers, and int64 offsets past 2³¹ elements (CUDA only).
 """
 
 from __future__ import annotations
