@@ -89,22 +89,24 @@ class GatherConfig:
         return f"gather[{_INT_TYPE[self.dtype]}] BLOCK_R={self.BLOCK_R} {d} warps={self.num_warps}"
 
 
-def _gather_rows(itemsize: int) -> int:
-    # 64 rows (32 for 8-byte elements): at Ds = 32 four (two) 16-byte vectors per thread and per-row
-    # values (codes, offsets) that Triton keeps in the tile's row layout; 128 rows put the codes in a
-    # 1-D layout that is converted through shared memory (two barriers per tile).
-    return 32 if itemsize == 8 else 64
+def _gather_rows(itemsize: int, even_d: bool) -> int:
+    # Ds = 32: 64 rows (32 for 8-byte elements), two to four 16-byte vectors per thread, and per-row
+    # values (codes, offsets) that Triton keeps in the tile's row layout (128 rows put the codes in a 1-D
+    # layout converted through shared memory, two barriers per tile). Other Ds: 32 rows (16 for 8-byte
+    # elements), as every element may carry its own 64-bit address (160 registers at 64 rows).
+    rows = 32 if itemsize == 8 else 64
+    return rows if even_d else rows // 2
 
 
 CONFIGS: tuple[GatherConfig, ...] = tuple(
-    GatherConfig(dtype, even, BLOCK_R=_gather_rows(size)) for size, dtype in _AS_INT.items() for even in (True, False)
+    GatherConfig(dtype, even, BLOCK_R=_gather_rows(size, even)) for size, dtype in _AS_INT.items() for even in (True, False)
 )
 
 
 def pick_config(dtype: torch.dtype, Ds: int) -> GatherConfig:
     """The configuration for codebooks of ``dtype`` (any float dtype) and subspace width ``Ds``."""
     size = torch.empty((), dtype=dtype).element_size()
-    return GatherConfig(_AS_INT[size], Ds == 32, BLOCK_R=_gather_rows(size))
+    return GatherConfig(_AS_INT[size], Ds == 32, BLOCK_R=_gather_rows(size, Ds == 32))
 
 
 # Programs per SM of the grid-stride gather: all resident at once (8 × 4 warps at ≤ 64 registers per

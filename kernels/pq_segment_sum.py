@@ -244,9 +244,12 @@ _BLOCK_D = 32  # one chunk of a row; Ds = 32 (the EQUSS width) is the compile-ti
 _SCATTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _scatter_rows(dtype: torch.dtype) -> int:
-    # 64 fp32 rows (8 KB, four 16-byte loads per thread with 4 warps) or 128 half rows (the same bytes).
-    return 64
+def _scatter_rows(even_d: bool) -> int:
+    # Ds = 32: 64 rows (four 16-byte fp32 / 8-byte half loads and four 16-byte atomics per thread with 4
+    # warps; with 128 rows Triton moves the codes into the rows' layout through shared memory). Any other
+    # Ds: 32 rows, since a runtime row stride that is not a multiple of 16 leaves every element its own
+    # 64-bit address (150-220 registers at 64 rows).
+    return 64 if even_d else 32
 
 
 def _sorted_config(dtype: torch.dtype, stats: bool) -> SegmentSumConfig:
@@ -254,7 +257,7 @@ def _sorted_config(dtype: torch.dtype, stats: bool) -> SegmentSumConfig:
 
 
 CONFIGS: tuple[SegmentSumConfig, ...] = tuple(
-    SegmentSumConfig(dtype, stats, even_d=even, BLOCK_R=_scatter_rows(dtype))
+    SegmentSumConfig(dtype, stats, even_d=even, BLOCK_R=_scatter_rows(even))
     for dtype in _SCATTER_DTYPES
     for stats in (False, True)
     for even in (True, False)
@@ -273,7 +276,7 @@ def pick_config(dtype: torch.dtype, Ds: int, stats: bool = True, deterministic: 
             return _sorted_config(torch.float64, False)
     if deterministic:
         return _sorted_config(dtype, stats)
-    return SegmentSumConfig(dtype, stats, even_d=Ds == _BLOCK_D, BLOCK_R=_scatter_rows(dtype))
+    return SegmentSumConfig(dtype, stats, even_d=Ds == _BLOCK_D, BLOCK_R=_scatter_rows(Ds == _BLOCK_D))
 
 
 def row_tile_programs(n_tiles: int, block_r: int, M: int, target: int) -> int:
