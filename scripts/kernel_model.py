@@ -1022,7 +1022,7 @@ def _ttype(t) -> str:
     import torch
 
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-            torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8"}[t.dtype]
+            torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8"}[t.dtype]
 
 
 # ------------------------------------------------------------------------------------- analysis
