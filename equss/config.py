@@ -414,8 +414,8 @@ def validate(cfg: TrainConfig) -> None:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model.quantizer: {exc}") from exc
 
-    _need(cfg.loss.preset in STEGO_PRESETS, "loss.preset",
-          f"{cfg.loss.preset!r} is not one of {', '.join(sorted(STEGO_PRESETS))}")
+    _need(cfg.loss.preset in STEGO_PRESETS or cfg.loss.preset == "auto", "loss.preset",
+          f"{cfg.loss.preset!r} is not 'auto' or one of {', '.join(sorted(STEGO_PRESETS))}")
     _need(cfg.loss.feature_samples >= 1, "loss.feature_samples", f"must be >= 1, got {cfg.loss.feature_samples}")
     _need(cfg.loss.neg_samples >= 0, "loss.neg_samples", f"must be >= 0, got {cfg.loss.neg_samples}")
 

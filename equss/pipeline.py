@@ -49,6 +49,7 @@ __all__ = [
     "feature_cache_dir",
     "load_run",
     "load_trained",
+    "measure_correlations",
     "setup_runtime",
 ]
 
@@ -270,6 +271,29 @@ def build_val_data(cfg: TrainConfig, backbone: nn.Module, device: torch.device, 
     n_classes = int(images.num_classes)
     class_names = list(getattr(images, "class_names", [str(i) for i in range(n_classes)]))
     return ValData(images, base, _val_loader(cfg, base, batch_size, num_workers), n_classes, class_names)
+
+
+# -------------------------------------------------------------------------------------- STEGO shifts
+@torch.no_grad()
+def measure_correlations(cfg: TrainConfig, data: TrainData, featurize: Featurizer, batches: int = 8) -> dict[str, Tensor]:
+    """Feature correlations of ``batches`` random batches of training pairs, as each pairing of the STEGO
+    loss sees them (``loss.preset=auto`` sets its shifts from them). Draws only from its own generators."""
+    from equss.losses import StegoCorrespondenceLoss
+
+    probe = StegoCorrespondenceLoss(feature_samples=cfg.loss.feature_samples, neg_samples=cfg.loss.neg_samples,
+                                    pointwise=cfg.loss.pointwise)
+    loader = torch.utils.data.DataLoader(
+        data.pairs, batch_size=min(cfg.data.batch_size, len(data.pairs)), shuffle=True, drop_last=True,
+        num_workers=0, generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    g = torch.Generator().manual_seed(cfg.seed)
+    out: dict[str, list[Tensor]] = {"pos_intra": [], "pos_inter": [], "neg_inter": []}
+    for i, batch in enumerate(loader):
+        if i == batches:
+            break
+        for key, v in probe.correlation_samples(featurize(batch, "img"), featurize(batch, "img_pos"), g).items():
+            out[key].append(v.cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 # --------------------------------------------------------------------------------------- trained runs

@@ -38,9 +38,22 @@ from equss.checkpoint import (
 from equss.config import TrainConfig, check_compatible, config_to_dict
 from equss.evaluate import evaluate_model
 from equss.io import remove_stale_temporaries, save_json
-from equss.losses import STEGO_PRESETS, StegoCorrespondenceLoss
+from equss.losses import (
+    AUTO,
+    AUTO_QUANTILES,
+    STEGO_PRESETS,
+    StegoCorrespondenceLoss,
+    auto_shifts,
+    stego_config_from_shifts,
+)
 from equss.models.equss_model import EQUSSModel
-from equss.pipeline import Featurizer, build_backbone_for, build_train_data, setup_runtime
+from equss.pipeline import (
+    Featurizer,
+    build_backbone_for,
+    build_train_data,
+    measure_correlations,
+    setup_runtime,
+)
 from equss.report import chance_level, format_results, kmeans_baseline, summarize
 from equss.runtime import seed_everything
 
@@ -87,7 +100,7 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False,
             )
-        self.stego = _stego_loss(cfg)
+        self.stego = self._stego_loss()
         o = cfg.optim
         self.optimizers = {
             "head": torch.optim.Adam(self.model.head_parameters(), lr=o.lr),
@@ -113,6 +126,29 @@ class Trainer:
         self._writers_opened = False
         if resume:
             self.load(resume)
+
+    def _stego_loss(self) -> StegoCorrespondenceLoss:
+        """The STEGO loss of ``cfg.loss``: the preset's weights and shifts — or, for ``loss.preset=auto``,
+        shifts measured on this data (:func:`equss.losses.auto_shifts`) — overridden where the config sets
+        them. The auto shifts are printed and plotted (``stego_shifts.png`` in the output folder)."""
+        loss = self.cfg.loss
+        settings = {k: v for k, v in asdict(loss).items() if k not in ("preset", "stego_weight", "pq_weight")}
+        if loss.preset == AUTO:
+            t0 = time.time()
+            samples = measure_correlations(self.cfg, self.data, self.featurize)
+            shifts = auto_shifts(samples)
+            base = stego_config_from_shifts(shifts)
+            log.info("loss.preset=auto: shifts pos_intra %.3f, pos_inter %.3f, neg_inter %.3f (quantiles %s of "
+                     "%d measured correlations, %.1f s)", shifts["pos_intra"], shifts["pos_inter"], shifts["neg_inter"],
+                     AUTO_QUANTILES, sum(v.numel() for v in samples.values()), time.time() - t0)
+            if self.dist.is_main:
+                from equss.analysis import plot_stego_shifts
+
+                path = plot_stego_shifts(samples, shifts, os.path.join(self.out_dir, "stego_shifts.png"))
+                log.info("shift diagnostics: %s", path)
+        else:
+            base = STEGO_PRESETS[loss.preset]
+        return StegoCorrespondenceLoss(base, **{k: v for k, v in settings.items() if v is not None})
 
     # ---------------------------------------------------------------------------------------- training
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
@@ -247,6 +283,7 @@ class Trainer:
             "n_classes": self.n_classes,
             "class_names": self.data.val.class_names,
             "labelled": self.labelled,
+            "stego": asdict(self.stego.cfg),
             "in_dim": self.backbone.embed_dim,
         }
 
@@ -419,12 +456,6 @@ def _truncate_csv(path: str, last_step: int) -> None:
     if len(kept) != len(rows):
         with open(path, "w", newline="") as fh:
             csv.writer(fh).writerows(kept)
-
-
-def _stego_loss(cfg: TrainConfig) -> StegoCorrespondenceLoss:
-    """The STEGO loss of ``cfg.loss``: the preset's weights and shifts, overridden where the config sets them."""
-    settings = {k: v for k, v in asdict(cfg.loss).items() if k not in ("preset", "stego_weight", "pq_weight")}
-    return StegoCorrespondenceLoss(STEGO_PRESETS[cfg.loss.preset], **{k: v for k, v in settings.items() if v is not None})
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
