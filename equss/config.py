@@ -398,6 +398,15 @@ def validate(cfg: TrainConfig) -> None:
         for key in ("class_names", "num_classes", "num_clusters"):
             _need(getattr(d, key) is None, f"data.{key}",
                   f"is for data.dataset=imagefolder only ({d.dataset!r} defines its own classes)")
+    from equss.models.backbone import BACKBONES, DEMO_NAME  # lazily: no timm import
+
+    _need(cfg.backbone.name in BACKBONES or cfg.backbone.name == DEMO_NAME, "backbone.name",
+          f"{cfg.backbone.name!r} is not one of {', '.join(sorted(BACKBONES) + [DEMO_NAME])}")
+    patch = BACKBONES[cfg.backbone.name].patch_size if cfg.backbone.name in BACKBONES else 8
+    for key in ("train_res", "val_res"):
+        value = getattr(d, key)
+        _need(value % patch == 0, f"data.{key}",
+              f"{value} is not a multiple of the patch size {patch} of {cfg.backbone.name} (e.g. {value - value % patch or patch})")
     _need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
           f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
 
