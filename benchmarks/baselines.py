@@ -1,6 +1,6 @@
 """Outside implementations the PQ benchmarks compare against, and the training step each backend runs.
 
-* **The authors' formulation** (EQUSS_SPEC §4, ``model/dino_pqgo.py``): a Python loop over the M
+* **The authors' formulation** (docs/method.md §4, ``model/dino_pqgo.py``): a Python loop over the M
   subspaces, each computing the full N×K distance matrix from norms and a matmul, a softmax over it
   (computed by the authors' code for losses whose weight is 0 — wasted, but it is what their step
   costs), argmin, a codebook lookup; for the EMA variant ``F.one_hot`` counts and a one_hot matmul for the

@@ -1,4 +1,4 @@
-"""Benchmark shapes shared by every suite (names from the glossary in DESIGN.md).
+"""Benchmark shapes shared by every suite (names from the glossary in docs/method.md).
 
 ``equss_train``: one EQUSS training step, 16 images × 2 views × 28×28 positions, D = 1024 = 32 × 32.
 ``large``: offline quantization of 10^6 vectors, D = 2048 = 64 × 32, K = 1024.

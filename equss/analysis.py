@@ -1,4 +1,4 @@
-"""The paper's analyses of the quantized space ("Analyses on EQUSS", ``shared/EQUSS_SPEC.md`` §11).
+"""The paper's analyses of the quantized space ("Analyses on EQUSS", docs/method.md §10).
 
 Input everywhere: per-pixel PQ codes ``codes [P, M]`` (int, in ``[0, K)``) and labels ``labels [P]``
 (``0 .. n_classes-1``; anything else = unlabelled). Codes of an EQUSS model come from its PQ head; for

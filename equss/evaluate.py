@@ -264,7 +264,7 @@ def evaluate_model(
     desc: str = "eval",
     keep: bool = False,
 ) -> dict[str, Any]:
-    """Cluster- and linear-probe metrics over a whole evaluation set (EQUSS_SPEC §9).
+    """Cluster- and linear-probe metrics over a whole evaluation set (docs/method.md §9).
 
     ``featurize(batch, flip=False)`` returns the backbone features of a batch. With ``crf`` the probe
     log-probabilities are refined by DenseCRF per image (needs the ``img`` of every item). ``keep`` also

@@ -1,6 +1,6 @@
 """STEGO correspondence loss (the feature-distillation loss EQUSS trains its expansion head with).
 
-EQUSS_SPEC §5. For two images a, b with frozen backbone features ``f`` and head codes ``z``, sample
+docs/method.md §5. For two images a, b with frozen backbone features ``f`` and head codes ``z``, sample
 ``S×S`` random points per image, and compare the cosine-correlation tensors
 
     F[n,h,w,i,j]  = <f̂_a(h,w), f̂_b(i,j)>        (no grad; "pointwise" re-centred per (h,w))
@@ -39,7 +39,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class StegoLossConfig:
-    """Weights and shifts of the three pairings (EQUSS_SPEC §5 table) and the sampling settings."""
+    """Weights and shifts of the three pairings (docs/method.md §5 table) and the sampling settings."""
 
     pos_intra_weight: float = 0.47
     pos_intra_shift: float = 0.18
@@ -58,7 +58,7 @@ def _preset(intra: tuple[float, float], inter: tuple[float, float], neg: tuple[f
     return StegoLossConfig(intra[0], intra[1], inter[0], inter[1], neg[0], neg[1])
 
 
-# (dataset, backbone) → weights/shifts, from the authors' configs (EQUSS_SPEC §5).
+# (dataset, backbone) → weights/shifts, from the authors' configs (docs/method.md §5).
 STEGO_PRESETS: dict[str, StegoLossConfig] = {
     "cocostuff27/vit_small_patch8": _preset((0.47, 0.18), (0.45, 0.02), (0.53, 0.23)),
     "cocostuff27/vit_small_patch8/stego": _preset((0.67, 0.08), (0.25, 0.02), (0.63, 0.66)),
@@ -180,7 +180,7 @@ def derangement(n: int, device: torch.device | str = "cpu", generator: torch.Gen
 
 
 class StegoCorrespondenceLoss(nn.Module):
-    """The STEGO correspondence loss ``L_stego`` of EQUSS_SPEC §5.
+    """The STEGO correspondence loss ``L_stego`` of docs/method.md §5.
 
     Call with backbone features ``f, f_pos [B, C, h, w]`` (anchor and kNN positive, after dropout) and
     head codes ``z, z_pos [B, D, h, w]`` (before quantization). Returns ``(total, terms)`` where

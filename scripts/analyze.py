@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The paper's analyses of a trained EQUSS model (its figure "Analyses on EQUSS", EQUSS_SPEC §11).
+"""The paper's analyses of a trained EQUSS model (its figure "Analyses on EQUSS", docs/method.md §10).
 
 Over the validation split: (a) per-class entropy of the PQ codes, beside the same statistic for the
 frozen backbone's continuous features quantized by a k-means product codebook with the same M and K

@@ -2,7 +2,7 @@
 """Evaluate a trained EQUSS checkpoint with the standard unsupervised-segmentation protocol.
 
 Cluster probe with Hungarian matching and linear probe, pixel accuracy and mIoU over the whole
-validation split at the protocol resolution (EQUSS_SPEC §9), optionally with DenseCRF (``--crf``,
+validation split at the protocol resolution (docs/method.md §9), optionally with DenseCRF (``--crf``,
 needs ``pip install 'equss[crf]'``) and horizontal-flip averaging (``--flip``). Writes per-class tables
 (JSON, CSV), a summary (results.json / results.md) and a picture grid
 (image | ground truth | cluster prediction | linear prediction).

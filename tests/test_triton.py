@@ -27,7 +27,6 @@ from helpers import (  # noqa: E402
     assert_segment_sum,
     counts64,
     gen,
-    sums64,
     unambiguous_rows,
     valid_vectors,
 )

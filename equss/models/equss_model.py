@@ -1,7 +1,7 @@
 """The trainable part of EQUSS: feature dropout → expansion head → product quantizer, plus the probes.
 
 The frozen backbone lives outside this module (:func:`equss.models.backbone.build_backbone`), so the
-model can train on cached backbone features (EQUSS_SPEC §1):
+model can train on cached backbone features (docs/method.md §1):
 
     f [B, C, h, w] ─ Dropout2d (train only) ─ ExpansionHead ─ z [B, D, h, w] ─ ProductQuantizer ─ q [B, D, h, w]
                                                                           q.detach() → cluster probe, linear probe
@@ -82,7 +82,7 @@ class EQUSSModel(nn.Module):
         # survives checkpoints and a resumed run does not re-initialise.
         self.register_buffer("cluster_initialized", torch.tensor(cluster_init == "randn"))
         # The dropped-out features feed both the head and the STEGO loss, so the model applies the head's
-        # dropout itself and then calls head.project (EQUSS_SPEC §1).
+        # dropout itself and then calls head.project (docs/method.md §1).
         self.head = ExpansionHead(in_dim, dim, dropout=dropout)
         self.quantizer = ProductQuantizer(dim, num_subspaces, codebook_size, channel_dim=1, **dict(quantizer or {}))
         self.cluster_probe = ClusterProbe(dim, n_classes, extra_clusters=extra_clusters)
@@ -115,7 +115,7 @@ class EQUSSModel(nn.Module):
         stego_weight: float = 1.0,
         pq_weight: float = 1.0,
     ) -> TrainOutput:
-        """One training forward: losses of EQUSS_SPEC §1 (stego + PQ + both probes).
+        """One training forward: losses of docs/method.md §1 (stego + PQ + both probes).
 
         Args:
             f, f_pos: backbone features of the anchors and their kNN positives ``[B, C, h, w]``.
@@ -123,7 +123,7 @@ class EQUSSModel(nn.Module):
         """
         fd, fd_pos = self.head.dropout(f), self.head.dropout(f_pos)
         out = self.encode(fd)
-        z_pos = self.head.project(fd_pos)  # the positive view is not quantized (EQUSS_SPEC §1)
+        z_pos = self.head.project(fd_pos)  # the positive view is not quantized (docs/method.md §1)
         stego_loss, stego_terms = stego(fd, fd_pos, out.z, z_pos)
 
         q = out.q.detach().float()
@@ -168,7 +168,7 @@ class EQUSSModel(nn.Module):
         """Probe log-probabilities at ``size``: ``(cluster [B, n_clusters, H, W], linear [B, n_classes, H, W])``.
 
         ``flip_f`` (features of the horizontally flipped images) averages the code of an image and of its
-        flip, as STEGO does (EQUSS_SPEC §9; off by default in EQUSS).
+        flip, as STEGO does (docs/method.md §9; off by default in EQUSS).
         """
         q = self.encode(f).q.float()
         if flip_f is not None:

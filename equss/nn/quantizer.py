@@ -7,10 +7,10 @@ one call of the fused op ``pq_assign_gather`` (assignment, gather, squared error
 statistics in one pass over the input; then ``pq_ema_apply_`` for EMA codebooks): there
 is no Python loop over ``M``.
 
-Shapes (glossary in DESIGN.md): ``N`` vectors, ``M`` subspaces, ``K`` codewords, ``Ds`` subspace dim.
+Shapes (glossary in docs/method.md): ``N`` vectors, ``M`` subspaces, ``K`` codewords, ``Ds`` subspace dim.
 Internally ``x: [N, M, Ds]``, ``codebooks: [M, K, Ds]``, ``codes: [N, M]``.
 
-The EQUSS paper's quantization head (``shared/EQUSS_SPEC.md`` §4) is the default configuration, see
+The EQUSS paper's quantization head (docs/method.md §4) is the default configuration, see
 :meth:`ProductQuantizer.equss`.
 """
 
