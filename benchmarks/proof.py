@@ -119,11 +119,13 @@ def cmd_env(args) -> int:
     env: dict = {"mode": args.mode, "python": sys.version.split()[0], "executable": sys.executable,
                  "platform": sys.platform, "cpus": os.cpu_count(), "commit": commit_id(),
                  "source_hash": source_hash(), "hostname": os.uname().nodename}
-    fields = ("name,driver_version,compute_cap,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,"
-              "clocks_throttle_reasons.active,power.draw,power.limit,temperature.gpu,memory.total,persistence_mode")
+    fields = ("name,driver_version,compute_cap,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.draw,"
+              "power.limit,temperature.gpu,memory.total,persistence_mode")
     if shutil.which("nvidia-smi"):
         rc, out = _run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv"])
         env["nvidia_smi"] = out if rc == 0 else f"rc {rc}: {out[-500:]}"
+        rc, out = _run(["nvidia-smi", "-q", "-d", "CLOCK,PERFORMANCE"])  # throttle reasons, application clocks
+        env["nvidia_smi_clocks"] = out[-4000:]
     else:
         env["nvidia_smi"] = "nvidia-smi not on PATH"
     nvcc = shutil.which("nvcc")
@@ -258,6 +260,8 @@ def _summary_path(args) -> Path:
 
 def cmd_record(args) -> int:
     out, work = Path(args.out), Path(args.work)
+    if args.millis is not None:
+        args.seconds = args.millis / 1000
     summary = _json_load(_summary_path(args)) or {"mode": args.mode, "total_budget_s": TOTAL[args.mode],
                                                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                                   "stages": {}, "stage_table": [list(r) for r in STAGES]}
@@ -692,6 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--rc", type=int, default=0)
     s.add_argument("--status", default=None)
     s.add_argument("--seconds", type=float, default=0.0)
+    s.add_argument("--millis", type=int, default=None, help="the stage's duration in ms (instead of --seconds)")
     s.add_argument("--budget", type=int, default=0)
     s.add_argument("--note", default="")
     s.add_argument("--log", default=None)

@@ -7,7 +7,8 @@ Environment (all optional):
 * ``EQUSS_PROOF_INTERLEAVE=1``: run the test files round-robin (each op gets tested before a deadline).
 * ``EQUSS_PROOF_PRIORITY``: comma-separated substrings of node ids; matching tests run first, in that order.
 * ``EQUSS_PROOF_MAX_TESTS``: keep only the first N tests after ordering (the rest are deselected).
-* ``EQUSS_PROOF_RESULT``: write the outcome here as JSON: counts, failures, collection errors, skip reasons.
+* ``EQUSS_PROOF_RESULT``: write the outcome here as JSON (after every test, and at the end with the exit
+  status): counts, failures, collection errors, skip reasons.
 """
 
 from __future__ import annotations
@@ -82,6 +83,18 @@ def pytest_collectreport(report):
         _state["collection_errors"].append(f"{report.nodeid}: {str(report.longrepr).strip().splitlines()[-1]}")
 
 
+def _dump(exitstatus=None) -> None:
+    path = os.environ.get("EQUSS_PROOF_RESULT")
+    if not path:
+        return
+    out = dict(_state, skipped=dict(_state["skipped"]), exitstatus=exitstatus,
+               seconds=round(time.time() - _state["started"], 1))
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=1)
+    os.replace(tmp, path)
+
+
 def pytest_runtest_logreport(report):
     if report.when == "call" and report.passed:
         _state["passed"] += 1
@@ -91,13 +104,13 @@ def pytest_runtest_logreport(report):
     elif report.skipped and report.when in ("setup", "call"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         _state["skipped"][reason.removeprefix("Skipped: ")[:200]] += 1
+    if report.when == "teardown":
+        _dump()  # after every test: a stage stopped at its budget keeps what ran
+
+
+def pytest_collection_finish(session):
+    _dump()
 
 
 def pytest_sessionfinish(session, exitstatus):
-    path = os.environ.get("EQUSS_PROOF_RESULT")
-    if not path:
-        return
-    out = dict(_state, skipped=dict(_state["skipped"]), exitstatus=int(exitstatus),
-               seconds=round(time.time() - _state["started"], 1))
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(out, f, indent=1)
+    _dump(int(exitstatus))

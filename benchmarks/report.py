@@ -100,7 +100,7 @@ def tables(benches: list[dict]) -> str:
         out.append(f"#### {op} — {first.get('shape', shape)}, {dtype}\n")
         out.append(f"Roofline from {first.get('measured_peak_hbm_GBps', '?')} GB/s (device copy) and the matmul rate "
                    f"of each row's precision, measured in the same run; ours = {_backend(ours) if ours else '–'}.\n")
-        out.append("| backend | median ms | × ours | GB/s | TFLOP/s | precision (TFLOP/s) | % of roofline | peak MiB | validated |")
+        out.append("| backend | median ms | time ÷ ours | GB/s | TFLOP/s | precision (TFLOP/s) | % of roofline | peak MiB | validated |")
         out.append("| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |")
         for backend, b in sorted(rows.items(), key=lambda kv: median(kv[1]) or float("inf")):
             info, t = _info(b), median(b)
