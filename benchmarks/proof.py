@@ -4,6 +4,7 @@ Standard library only at import time: the stage bookkeeping must work even where
 
 Subcommands (``python3 benchmarks/proof.py CMD --help``):
 
+* ``source-hash``: the hash of the sources that ``summary.json`` records (no .git may travel).
 * ``budgets``: the stage table as shell assignments (``BUDGET_<stage>=<s>``, ``TOTAL=<s>``) for a mode.
 * ``env``, ``backends``, ``cuda-home``, ``cuda-arch``, ``train``: what the stages measure or need.
 * ``record``: one stage's outcome into ``$OUT/summary.json``, re-render ``$OUT/report.md``, mirror ``$OUT``
@@ -387,7 +388,8 @@ def cmd_finish(args) -> int:
         rows.append(f"| {name} | {letter} | {e.get('status', '–')} | {e.get('seconds', '–')} | "
                     f"{e.get('budget_s', '–')} | {(e.get('note') or '')[:90]} |")
     print("\n".join(rows))
-    print(f"elapsed {summary.get('elapsed_s')}s of {summary.get('total_budget_s')}s; results in {args.out}")
+    print(f"elapsed {summary.get('elapsed_s')}s of {summary.get('total_budget_s')}s; results in {args.out}: "
+          + ", ".join(f"{p.name} ({p.stat().st_size // 1024} KiB)" for p in sorted(Path(args.out).iterdir()) if p.is_file()))
     report = Path(args.out) / "report.md"
     if report.is_file():
         text = report.read_text(encoding="utf-8")
@@ -686,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         return s
 
     add("budgets", cmd_budgets)
+    add("source-hash", lambda a: print(source_hash()) or 0, help="the source hash summary.json records (match a GPU run to a tree)")
     add("env", cmd_env)
     add("cuda-home", cmd_cuda_home)
     add("cuda-arch", cmd_cuda_arch).add_argument("--default", default="9.0")

@@ -5,6 +5,9 @@
 #   scripts/bench_gpu.sh --rehearse   # here, on CPU: the same stages on tiny shapes in an emulated GPU machine
 #
 # Before: scripts/gpu_wheels.sh (here, with a registry) puts the wheels the GPU machine lacks into wheels/.
+# The device tool's call (wheels/ is git-ignored, so it must be carried; no .git may travel, so pass the
+# commit literally; `python3 benchmarks/proof.py source-hash` here matches summary.json's source hash):
+#   run(command="EQUSS_COMMIT=<git rev-parse --short=10 HEAD> bash scripts/bench_gpu.sh", carry=["wheels"], timeout_s=600)
 #
 # Ordered stages, each under its own time budget (benchmarks/proof.py STAGES; GPU / rehearsal seconds).
 # A stage that does not fit the time left is skipped, never started; one that overruns is stopped. After
