@@ -80,10 +80,11 @@ def _run(cmd: list[str], timeout: float = 30, **kw) -> tuple[int, str]:
 
 # ------------------------------------------------------------------------------------------ budgets
 def cmd_budgets(args) -> int:
+    """``EQUSS_PROOF_TOTAL`` and ``EQUSS_PROOF_BUDGET_<stage>`` override the table (tests of the budget logic)."""
     col = 2 if args.mode == "gpu" else 3
     for row in STAGES:
-        print(f"BUDGET_{row[0]}={row[col]}")
-    print(f"TOTAL={TOTAL[args.mode]}")
+        print(f"BUDGET_{row[0]}={int(os.environ.get(f'EQUSS_PROOF_BUDGET_{row[0]}', row[col]))}")
+    print(f"TOTAL={int(os.environ.get('EQUSS_PROOF_TOTAL', TOTAL[args.mode]))}")
     print("STAGES='" + " ".join(r[0] for r in STAGES) + "'")
     return 0
 
@@ -184,21 +185,27 @@ def cmd_cuda_home(args) -> int:
     nvcc = shutil.which("nvcc")
     if not nvcc:
         return 0
+    import tempfile
+
     candidates = []
-    rc, out = _run([nvcc, "--dryrun", "--version"], timeout=30)
+    with tempfile.TemporaryDirectory() as tmp:  # --dryrun prints nvcc's environment and runs nothing
+        src = Path(tmp) / "probe.cu"
+        src.write_text("")
+        rc, out = _run([nvcc, "--dryrun", "-c", str(src), "-o", str(Path(tmp) / "probe.o")], timeout=60)
     for line in out.splitlines():
         m = re.match(r"#\$ _HERE_=(.+)", line.strip())
         if m:
-            candidates.append(Path(m.group(1)).parent)
-    candidates.append(Path(nvcc).resolve().parent.parent)
-    candidates.append(Path("/usr/local/cuda"))
-    for c in candidates:
+            candidates.append(("nvcc's _HERE_", Path(m.group(1).strip()).parent))
+    candidates.append(("the resolved nvcc binary", Path(nvcc).resolve().parent.parent))
+    candidates.append(("the default location", Path("/usr/local/cuda")))
+    for how, c in candidates:
         if (c / "bin" / "nvcc").exists() and any((c / d / "cuda_runtime_api.h").exists()
                                                   for d in ("include", "targets/x86_64-linux/include")):
             print(c.resolve())
+            print(f"CUDA_HOME from {how}", file=sys.stderr)
             return 0
     print(f"nvcc at {nvcc} but no CUDA toolkit directory with include/cuda_runtime_api.h among "
-          f"{[str(c) for c in candidates]}", file=sys.stderr)
+          f"{[str(c) for _, c in candidates]}", file=sys.stderr)
     return 1
 
 
@@ -460,7 +467,7 @@ def build_farm(site_src: Path, site_dst: Path, allowed: dict, installed: dict) -
         for top in _tops(d):
             owners.setdefault(top, set()).add(name)
     linked, partial = 0, 0
-    for name, d in allowed.items():
+    for d in allowed.values():
         if Path(str(d.locate_file(""))).resolve() != site_src.resolve():
             continue
         for top in _tops(d):
@@ -580,7 +587,7 @@ def copy_tree(src: Path, dst: Path) -> int:
 
 
 def rehearsal_problems(r: Path, rc: int, tree_bytes: int, setup: dict) -> list[str]:
-    out, work = r / "out", r / "work"
+    out = r / "out"
     summary = _json_load(out / "summary.json")
     if summary is None:
         return [f"no $OUT/summary.json (script rc {rc})"]

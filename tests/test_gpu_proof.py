@@ -70,6 +70,29 @@ def test_stage_problems_flags_failures_timeouts_and_unexpected_skips():
     assert any("exceeds its budget" in p for p in problems)
 
 
+def test_script_stops_an_overrunning_stage_and_skips_what_does_not_fit(tmp_path):
+    """bench_gpu.sh's driver: a stage over its budget is stopped and recorded, the stages that no longer fit
+    are skipped (never started), and every stage is in summary.json and report.md."""
+    tree = tmp_path / "tree"
+    proof.copy_tree(ROOT, tree)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EQUSS_", "TRITON_"))}
+    env.update(EQUSS_PROOF_MODE="rehearse", OUT=str(tmp_path / "out"), EQUSS_PROOF_WORK=str(tmp_path / "work"),
+               EQUSS_PROOF_SITE=str(tmp_path / "site"), EQUSS_PROOF_TOTAL="40", EQUSS_PROOF_BUDGET_wheels="30",
+               EQUSS_PROOF_BUDGET_env="1", EQUSS_PROOF_BUDGET_calibrate="999")  # importing torch takes > 1 s
+    p = subprocess.run(["bash", "scripts/bench_gpu.sh"], cwd=tree, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 1, p.stdout + p.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    stages = summary["stages"]
+    assert stages["wheels"]["status"] in ("ok", "failed")  # failed where wheels/ was not downloaded
+    assert stages["env"]["status"] == "timeout" and stages["env"]["seconds"] < 10
+    for name in ("build", "correctness", "bench", "large", "train", "calibrate"):
+        assert stages[name]["status"] == "skipped" and stages[name]["note"].startswith("budget:"), stages[name]
+    assert "| env | timeout |" in (tmp_path / "out" / "report.md").read_text()
+    assert "PROBLEM: stage env: timeout" in p.stdout
+    assert proof.out_dir_problems(tmp_path / "out") == []
+
+
 # -------------------------------------------------------------------------------- rehearsal helpers
 def test_gpu_closure_holds_the_listed_packages_and_not_the_wheels():
     allowed, _, _ = proof.gpu_closure()
@@ -87,8 +110,10 @@ def test_cuda_home_behind_a_wrapper_script(tmp_path):
     wrapper.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
     wrapper.chmod(0o755)
     env = dict(os.environ, PATH=f"{wrapper.parent}:{os.environ['PATH']}")
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "proof.py"), "cuda-home"], env=env,
-                         capture_output=True, text=True, check=True).stdout.strip()
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "proof.py"), "cuda-home"], env=env,
+                       capture_output=True, text=True, check=True)
+    out = p.stdout.strip()
+    assert "CUDA_HOME from nvcc's _HERE_" in p.stderr
     assert out and Path(out, "bin", "nvcc").exists() and Path(out) != tmp_path
     assert any(Path(out, d, "cuda_runtime_api.h").exists() for d in ("include", "targets/x86_64-linux/include"))
 
