@@ -46,30 +46,42 @@ key_of_wheel() { local b; b=$(basename "$1"); local n=${b%%-*}; local rest=${b#*
   n=$(echo "$n" | tr 'A-Z' 'a-z' | sed -E 's/[-_.]+/_/g'); echo "$n-${rest%%-*}"; }
 have() { local f; for f in "$DEST"/*.whl; do [ -e "$f" ] && [ "$(key_of_wheel "$f")" = "$1" ] && return 0; done; return 1; }
 
+download() {  # SPEC...: binary wheels for the GPU machine's interpreter and platform
+  "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+    --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$DEST" "$@"
+}
+
 mkdir -p "$DEST"
-missing=0
+todo=() missing=0
 for spec in "${WHEELS[@]}"; do
   have "$(key_of_spec "$spec")" && continue
-  if [ "$check_only" = 1 ]; then echo "missing: $spec" >&2; missing=1; continue; fi
-  echo "downloading $spec" >&2
-  if ! "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
-      --python-version 3.12 --implementation cp \
-      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      -d "$DEST" "$spec"; then
-    echo "no cp312/manylinux wheel of $spec: building a pure-Python wheel from its sdist" >&2
-    tmp=$(mktemp -d)
-    "$PY" -m pip wheel -q --disable-pip-version-check --no-deps --no-binary=:all: -w "$tmp" "$spec"
-    for w in "$tmp"/*.whl; do
-      case "$w" in
-        *-py3-none-any.whl | *-py2.py3-none-any.whl) mv "$w" "$DEST"/ ;;
-        *) echo "error: $spec builds a platform wheel ($(basename "$w")), which cannot be made here for cp312" >&2
-           rm -rf "$tmp"; exit 1 ;;
-      esac
-    done
-    rm -rf "$tmp"
-  fi
-  have "$(key_of_spec "$spec")" || { echo "error: no wheel of $spec in $DEST after the download" >&2; exit 1; }
+  if [ "$check_only" = 1 ]; then echo "missing: $spec" >&2; missing=1; else todo+=("$spec"); fi
 done
+if [ "${#todo[@]}" -gt 0 ]; then
+  echo "downloading ${todo[*]}" >&2
+  if ! download "${todo[@]}" 2>/dev/null; then  # one of them has no such wheel: one by one
+    for spec in "${todo[@]}"; do
+      have "$(key_of_spec "$spec")" && continue
+      download "$spec" && continue
+      echo "no cp312/manylinux wheel of $spec: building a pure-Python wheel from its sdist" >&2
+      tmp=$(mktemp -d)
+      "$PY" -m pip wheel -q --disable-pip-version-check --no-deps --no-binary=:all: -w "$tmp" "$spec"
+      for w in "$tmp"/*.whl; do
+        case "$w" in
+          *-py3-none-any.whl | *-py2.py3-none-any.whl) mv "$w" "$DEST"/ ;;
+          *) echo "error: $spec builds a platform wheel ($(basename "$w")), which cannot be made here for cp312" >&2
+             rm -rf "$tmp"; exit 1 ;;
+        esac
+      done
+      rm -rf "$tmp"
+    done
+  fi
+  for spec in "${todo[@]}"; do
+    have "$(key_of_spec "$spec")" || { echo "error: no wheel of $spec in $DEST after the download" >&2; exit 1; }
+  done
+fi
 [ "$missing" = 1 ] && { echo "run scripts/gpu_wheels.sh (it needs a package registry)" >&2; exit 1; }
 
 # A stale wheel (another version, or a package no longer listed) would be installed there too: refuse it.
