@@ -13,6 +13,7 @@ end; :func:`run` the programmatic one::
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import signal
@@ -36,13 +37,16 @@ from equss.checkpoint import (
 )
 from equss.config import TrainConfig, check_compatible, config_to_dict
 from equss.evaluate import evaluate_model
-from equss.io import save_json
+from equss.io import remove_stale_temporaries, save_json
 from equss.losses import STEGO_PRESETS, StegoCorrespondenceLoss
 from equss.models.equss_model import EQUSSModel
 from equss.pipeline import Featurizer, build_backbone_for, build_train_data, setup_runtime
 from equss.report import chance_level, format_results, kmeans_baseline, summarize
+from equss.runtime import seed_everything
 
-__all__ = ["Trainer", "run"]
+__all__ = ["CollapseGuard", "Trainer", "run"]
+
+log = logging.getLogger(__name__)
 
 
 class Trainer:
@@ -56,11 +60,24 @@ class Trainer:
         self.progress = cfg.log.progress and self.dist.is_main
         if self.dist.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
+            stale = remove_stale_temporaries(self.out_dir)
+            if stale:
+                log.info("removed %d temporary file(s) left by an interrupted run: %s", len(stale),
+                         ", ".join(p.name for p in stale))
 
         self.backbone = build_backbone_for(cfg, self.device)
         self.featurize = Featurizer(self.backbone, self.device)
         self.data = build_train_data(cfg, self.backbone, self.device, self.dist, self.progress)
         self.n_classes = self.data.n_classes
+        # Unlabelled data (an image folder without labels): no metrics, so nothing to select on.
+        self.labelled = bool(getattr(self.data.images, "has_labels", True) and getattr(self.data.val.images, "has_labels", True))
+        self.select_on = cfg.eval.select_on if self.labelled else "last"
+        if not self.labelled and cfg.eval.select_on != "last":
+            log.info("the data has no labels: no metrics; the last checkpoint is kept (eval.select_on=last)")
+        # The model and every training draw start from the seed, whatever building the data consumed
+        # (a cold cache computes features and kNN, a warm one does not): a run is a pure function of its
+        # configuration and seed.
+        seed_everything(cfg.seed)
         self.model = EQUSSModel.from_config(cfg.model, self.backbone.embed_dim, self.n_classes).to(self.device)
         self.ddp_model: nn.Module = self.model
         if self.dist.enabled:
@@ -92,6 +109,7 @@ class Trainer:
         self.step = 0
         self.best: dict[str, Any] = {"metric": -math.inf, "step": -1}
         self.history: list[dict[str, Any]] = []
+        self.guard = CollapseGuard(self.model.cluster_probe.n_clusters)
         self._writers_opened = False
         if resume:
             self.load(resume)
@@ -123,6 +141,9 @@ class Trainer:
         terms["grad_norm"] = float(grad_norm)
         if not math.isfinite(terms["loss"]):
             raise FloatingPointError(f"non-finite loss at step {self.step}: {terms}")
+        if self.dist.is_main:
+            for warning in self.guard.update(terms):
+                log.warning("step %d: %s", self.step + 1, warning)
         return terms
 
     def fit(self) -> dict[str, Any]:
@@ -181,14 +202,17 @@ class Trainer:
     def validate_and_checkpoint(self) -> None:
         """Rank 0 evaluates the whole validation set (and the held-out slice for ``select_on=holdout``),
         keeps ``best.ckpt`` by cluster mIoU on the selection split, always ``last.ckpt``."""
-        if self.dist.is_main:
+        if self.dist.is_main and not self.labelled:
+            self.best = {"metric": self.step, "step": self.step}
+            self.save(os.path.join(self.out_dir, "last.ckpt"))
+        elif self.dist.is_main:
             res = self.validate()
             row = {
                 "step": self.step,
                 "cluster_acc": res["cluster"].accuracy, "cluster_miou": res["cluster"].miou,
                 "linear_acc": res["linear"].accuracy, "linear_miou": res["linear"].miou,
             }
-            select = self.cfg.eval.select_on
+            select = self.select_on
             if select == "holdout":
                 held = self.validate(loader=self.data.holdout_loader, desc="holdout")
                 row["holdout_cluster_miou"] = held["cluster"].miou
@@ -222,6 +246,7 @@ class Trainer:
             "history": self.history,
             "n_classes": self.n_classes,
             "class_names": self.data.val.class_names,
+            "labelled": self.labelled,
             "in_dim": self.backbone.embed_dim,
         }
 
@@ -240,6 +265,10 @@ class Trainer:
         self.best = ckpt["best"]
         self.history = list(ckpt.get("history", []))
         restore_rng_state(ckpt["rng"])
+        if self.dist.is_main:
+            # Rows a run logged after its last checkpoint are logged again by the resumed run.
+            for kind in ("train", "val"):
+                _truncate_csv(os.path.join(self.out_dir, f"{kind}_log.csv"), self.step)
 
     # ---------------------------------------------------------------------------------------- logging
     def _log(self, row: dict[str, Any], kind: str) -> None:
@@ -267,7 +296,8 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(self.out_dir, "tb"))
+                # purge_step: a resumed run drops the events logged after its checkpoint.
+                self.tb = SummaryWriter(os.path.join(self.out_dir, "tb"), purge_step=self.step + 1 if self.step else None)
             except ImportError:
                 warnings.warn("log.tensorboard=true but tensorboard is not installed (pip install tensorboard); "
                               "logging to CSV only", stacklevel=2)
@@ -280,12 +310,23 @@ class Trainer:
             if self.dist.enabled:
                 dist.barrier()
             return result
-        select = self.cfg.eval.select_on
+        select = self.select_on
         path = os.path.join(self.out_dir, "last.ckpt" if select == "last" else "best.ckpt")
         if os.path.exists(path):
             self.model.load_state_dict(load_checkpoint(path, map_location=self.device)["model"])
         ckpt_step = self.best["step"] if select != "last" else self.step
         result["selected"] = {"checkpoint": path, "step": ckpt_step, "select_on": select}
+        if not self.labelled:
+            table = (f"## EQUSS: {self.cfg.data.dataset} without labels, {self.n_classes} clusters (step {self.step})\n\n"
+                     f"No labels, so no metrics. Segment images with:\n"
+                     f"python scripts/predict.py --checkpoint {path} --images <folder or files>")
+            print(table)
+            with open(os.path.join(self.out_dir, "results.md"), "w") as fh:
+                fh.write(table + "\n")
+            save_json(os.path.join(self.out_dir, "results.json"), {"selected": result["selected"], "labelled": False})
+            if self.dist.enabled:
+                dist.barrier()
+            return result
         result["no_crf"] = self.validate(desc="final")
         if self.cfg.eval.crf:
             result["crf"] = self.validate(crf=True, desc="final+crf")
@@ -308,6 +349,76 @@ def _in_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+class CollapseGuard:
+    """Warns once, loudly, when the codebooks or the cluster probe collapse during training.
+
+    Watches two smoothed signals (an exponential moving average over ~20 steps, after a 20-step warm-up):
+
+    * ``pq_usage`` (fraction of each codebook's K codewords used by a batch, averaged over the M
+      subspaces) below :attr:`MIN_USAGE`: the quantizer maps nearly everything to a few codewords, so q
+      carries little information and the probes degrade;
+    * ``clusters_used`` (clusters the cluster probe predicts on a batch) below :attr:`MIN_CLUSTER_SHARE` of
+      its ``n_clusters``: the segmentation degenerates to fewer segments than classes.
+
+    The thresholds are documented in docs/configuration.md; the warning names the likely cause and the
+    settings to try. It changes nothing in the run.
+    """
+
+    MIN_USAGE = 0.05
+    MIN_CLUSTER_SHARE = 0.5
+    WARMUP = 20
+    ALPHA = 0.1
+
+    def __init__(self, n_clusters: int) -> None:
+        self.n_clusters = n_clusters
+        self.smoothed: dict[str, float] = {}
+        self.steps = 0
+        self.warned: set[str] = set()
+
+    def update(self, terms: dict[str, float]) -> list[str]:
+        """Feed one step's terms; returns the warnings issued now (each kind at most once per run)."""
+        self.steps += 1
+        for key in ("pq_usage", "clusters_used"):
+            if key in terms:
+                old = self.smoothed.get(key, terms[key])
+                self.smoothed[key] = old + self.ALPHA * (terms[key] - old)
+        if self.steps < self.WARMUP:
+            return []
+        out = []
+        usage = self.smoothed.get("pq_usage")
+        if usage is not None and usage < self.MIN_USAGE and "usage" not in self.warned:
+            self.warned.add("usage")
+            out.append(
+                f"COLLAPSE: codebook usage fell to {usage:.3f} (< {self.MIN_USAGE}) of the codewords per batch: "
+                "the quantizer maps almost every vector to a few codewords. Try model.quantizer.dead_code_steps=50 "
+                "(re-seed unused codewords), loss.preset=auto (STEGO shifts measured on this data) or a lower optim.lr"
+            )
+        used = self.smoothed.get("clusters_used")
+        if used is not None and used < self.MIN_CLUSTER_SHARE * self.n_clusters and "clusters" not in self.warned:
+            self.warned.add("clusters")
+            out.append(
+                f"COLLAPSE: the cluster probe predicts only {used:.1f} of its {self.n_clusters} clusters: the "
+                "segmentation degenerates. Try model.cluster_init=kmeans, loss.preset=auto, or check that the "
+                "backbone features separate the classes (the k-means baseline of the final table)"
+            )
+        return out
+
+
+def _truncate_csv(path: str, last_step: int) -> None:
+    """Keep the header and the rows with ``step <= last_step`` of a log written by :meth:`Trainer._log`."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        return
+    step_col = rows[0].index("step")
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(float(r[step_col])) <= last_step]
+    if len(kept) != len(rows):
+        with open(path, "w", newline="") as fh:
+            csv.writer(fh).writerows(kept)
 
 
 def _stego_loss(cfg: TrainConfig) -> StegoCorrespondenceLoss:

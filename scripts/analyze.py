@@ -19,8 +19,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from equss.cli import add_common_arguments, run_main  # noqa: E402
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by scripts/train.py")
     p.add_argument("--out-dir", default=None, help="where to write (default: <checkpoint dir>/analysis)")
@@ -30,8 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip the k-means product quantization of the backbone features (the reference model)")
     p.add_argument("--reference-pixels", type=int, default=100_000,
                    help="backbone feature vectors used to fit the reference product codebook (default 100k)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="non-structural config overrides")
-    return p.parse_args(argv)
+    add_common_arguments(p)
+    return p
 
 
 def _backbone_subspaces(C: int, M: int) -> int:
@@ -39,8 +41,7 @@ def _backbone_subspaces(C: int, M: int) -> int:
     return max(m for m in range(1, M + 1) if C % m == 0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main_from_args(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -103,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in sorted(files.items()):
         print(f"{name}: {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(main_from_args, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,9 @@ class EQUSSModel(nn.Module):
         extra_clusters: cluster-probe centroids beyond ``n_classes``.
         cluster_init: ``"randn"`` (STEGO/EQUSS) or ``"kmeans"`` (centroids from k-means on the first
             training batch's codes).
+        cluster_loss_at: ``"label"`` (default, the authors' code): the cluster-probe loss is a mean over q
+            upsampled bilinearly to the label size, as their evaluator does in training; ``"feature"``: over
+            the ``h × w`` feature map (cheaper; the linear probe is the same either way).
         quantizer: keyword arguments of :class:`equss.nn.ProductQuantizer` (``learning``, ``normalize``,
             ``beta``, ``init``, ...); its defaults are the paper's head.
     """
@@ -64,11 +67,15 @@ class EQUSSModel(nn.Module):
         dropout: float = 0.1,
         extra_clusters: int = 0,
         cluster_init: str = "randn",
+        cluster_loss_at: str = "label",
         quantizer: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if cluster_init not in ("randn", "kmeans"):
             raise ValueError(f"cluster_init must be 'randn' (STEGO/EQUSS) or 'kmeans', got {cluster_init!r}")
+        if cluster_loss_at not in ("label", "feature"):
+            raise ValueError(f"cluster_loss_at must be 'label' (the authors') or 'feature', got {cluster_loss_at!r}")
+        self.cluster_loss_at = cluster_loss_at
         self.n_classes = n_classes
         self.cluster_init = cluster_init
         # Whether the cluster probe was initialised from data (cluster_init="kmeans"); a buffer so it
@@ -122,7 +129,7 @@ class EQUSSModel(nn.Module):
         q = out.q.detach().float()
         if not bool(self.cluster_initialized):
             self._init_cluster_probe(q)
-        cluster_loss = self.cluster_probe.loss(q)
+        cluster_loss = self.cluster_probe.loss(q, size=label.shape[-2:] if self.cluster_loss_at == "label" else None)
         linear_loss = self.linear_probe.loss(q, label)  # upsamples its logits to the label size
 
         loss = stego_weight * stego_loss + pq_weight * out.pq_loss + cluster_loss + linear_loss
@@ -136,6 +143,11 @@ class EQUSSModel(nn.Module):
         }
         terms["pq_usage"] = out.pq_stats.usage.detach().float()
         terms["pq_perplexity"] = out.pq_stats.perplexity.detach().float().mean()
+        with torch.no_grad():  # how many clusters the probe predicts, and how evenly (collapse monitor)
+            share = torch.bincount(self.cluster_probe(q).argmax(1).reshape(-1), minlength=self.cluster_probe.n_clusters)
+            share = share.float() / share.sum().clamp_min(1)
+            terms["clusters_used"] = (share > 0).sum().float()
+            terms["cluster_entropy"] = -(share * torch.log2(share.clamp_min(1e-12))).sum()
         return TrainOutput(loss, terms)
 
     @torch.no_grad()
