@@ -278,6 +278,7 @@ def run_case(benchmark, fn, validate, *, op: str, backend: str, shape: PQShape, 
         if ON_CUDA:
             median = triton.testing.do_bench(fn, **do_bench_kw) / 1e3
             timer = "triton.testing.do_bench median (L2 flushed)"
+            info["do_bench_median_ms"] = median * 1e3  # the key scripts/kernel_model.py --calibrate reads
         else:  # it needs CUDA events: on CPU only check that this triton takes the call
             inspect.signature(triton.testing.do_bench).bind(fn, **do_bench_kw)
     precision = matmul_precision(backend, dtype_name)

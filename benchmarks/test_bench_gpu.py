@@ -2,9 +2,9 @@
 the authors' per-subspace formulation and vector-quantize-pytorch, in one session on one device, every
 result validated before it is timed (:mod:`benchmarks.harness`, cases in :mod:`benchmarks.cases`).
 
-One test, ``test_gpu_case``, over an ordered list of cases: the rows that the targets of
-``benchmarks/report.py`` compare come first, so a run cut short by its time budget
-(``scripts/bench_gpu.sh``) still has them. At the EQUSS shape every op and every implementation; at the
+One test function per op over one ordered list of cases (``CASES``; ``benchmarks/conftest.py`` runs
+them in that order): the rows that the targets of ``benchmarks/report.py`` compare come first, so a run
+cut short by its time budget (``scripts/bench_gpu.sh``) still has them. At the EQUSS shape every op and every implementation; at the
 large shape (``large``: 10^6 vectors, M = 64, K = 1024) our kernels and the PyTorch reference only (the
 authors' loop and vqp materialise N×K per subspace), with the fewest calls that give a stable median.
 
@@ -62,11 +62,50 @@ def cases_for(shape) -> list[Case]:
 
 
 CASES = [c for shape in bench_shapes(GPU_SHAPES) for c in cases_for(shape)]
+# Case id → position: benchmarks/conftest.py runs the cases in this order across the test functions.
+CASE_ORDER = {c.id: i for i, c in enumerate(CASES)}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_gpu_case(benchmark, case: Case):
+def _run(benchmark, case: Case) -> None:
     H.require(case.backend)
     fn, validate, bytes_moved, flops = build(case)
     H.run_case(benchmark, fn, validate, op=case.op, backend=case.backend, shape=case.shape,
                dtype_name=case.dtype_name, bytes_moved=bytes_moved, flops=flops)
+
+
+def _cases(*ops: str):
+    """Parametrise one test function over the cases of ``ops`` (ids = case ids)."""
+    chosen = [c for c in CASES if c.op in ops]
+    return pytest.mark.parametrize("case", chosen, ids=[c.id for c in chosen])
+
+
+# One test function per op; the names of the first two are the ones scripts/kernel_model.py --calibrate
+# maps to its modelled ops (assign + gather, EMA statistics + apply).
+@_cases("assign_gather")
+def test_assign(benchmark, case):
+    _run(benchmark, case)
+
+
+@_cases("ema_update")
+def test_ema_update(benchmark, case):
+    _run(benchmark, case)
+
+
+@_cases("assign")
+def test_assign_only(benchmark, case):
+    _run(benchmark, case)
+
+
+@_cases("assign_gather_stats")
+def test_assign_gather_stats(benchmark, case):
+    _run(benchmark, case)
+
+
+@_cases("train_step")
+def test_train_step(benchmark, case):
+    _run(benchmark, case)
+
+
+@_cases("module_step-ema", "module_step-param")
+def test_module_step(benchmark, case):
+    _run(benchmark, case)

@@ -27,7 +27,7 @@ import report  # noqa: E402
 
 # ------------------------------------------------------------------------------------------- budgets
 def test_gpu_budgets_fit_nine_minutes():
-    assert sum(row[2] for row in proof.STAGES) <= proof.TOTAL["gpu"] - 10  # bookkeeping between stages
+    assert sum(row[2] for row in proof.STAGES) <= proof.TOTAL["gpu"] - 15  # bookkeeping between stages
     assert proof.TOTAL["gpu"] <= 540
     assert sum(row[3] for row in proof.STAGES) <= proof.TOTAL["rehearse"]
 
@@ -136,6 +136,33 @@ def test_plugin_orders_interleaves_caps_and_stops_at_the_deadline(tmp_path):
                     "-q", "test_b.py"], cwd=tmp_path, env=env, capture_output=True, text=True)
     r = json.loads(result.read_text())
     assert r["budget_skipped"] == 2 and r["passed"] == 0
+
+
+def test_bench_records_map_to_the_kernel_models_calibration_keys():
+    """scripts/kernel_model.py --calibrate maps test_bench_gpu.py's records to its modelled ops by test
+    name, backend, shape, dtype and do_bench_median_ms: the names and keys the harness writes."""
+    if not (ROOT / "scripts" / "kernel_model.py").is_file():
+        pytest.skip("scripts/kernel_model.py absent")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import kernel_model
+    finally:
+        sys.path.pop(0)
+
+    def rec(test, backend, op):
+        return {"name": f"{test}[{op}-equss_train-float32-{backend}]", "stats": {"median": 2e-4},
+                "extra_info": {"backend": backend, "shape": "equss_train(N=25088,M=32,K=256,Ds=32)",
+                               "dtype": "float32", "triton_precision": "ieee", "do_bench_median_ms": 0.1}}
+
+    from benchmarks import test_bench_gpu as T
+
+    for fn, op in ((T.test_assign, "assign_gather"), (T.test_ema_update, "ema_update")):
+        (mark,) = [m for m in fn.pytestmark if m.name == "parametrize"]
+        assert {c.op for c in mark.args[1]} == {op}
+    measured = kernel_model.measured_times({"benchmarks": [
+        rec("test_assign", "triton-fused", "assign_gather"), rec("test_ema_update", "triton", "ema_update")]})
+    assert measured == {"op:pq_assign_gather@equss_train/fp32|ieee": 100.0,
+                        "op:pq_cluster_stats+pq_ema_apply_@equss_train/fp32|ieee": 100.0}, measured
 
 
 # --------------------------------------------------------------------------------------------- report
