@@ -31,14 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = [
     ("wheels", "-", 15, 60, "install the carried wheels/ into the target directory (pip --no-index --target)"),
     ("env", "a", 20, 60, "environment: GPU, clocks, driver, versions, installed wheels"),
-    ("build", "b", 140, 120, "build equss._C with CUDA (CUDA_HOME from nvcc, arch of the visible GPU)"),
+    ("build", "b", 135, 120, "build equss._C with CUDA (CUDA_HOME from nvcc, arch of the visible GPU)"),
     ("correctness", "c", 70, 150, "Triton, CUDA extension and torch reference against float64 (selected contract tests)"),
     ("bench", "d", 105, 240, "timings at the EQUSS shape, every implementation, validated"),
     ("large", "e", 50, 120, "timings at the large shape, our kernels and the torch reference"),
-    ("train", "f", 75, 150, "scripts/train.py with the embedded default, timed"),
-    ("calibrate", "g", 45, 120, "cost-model calibration table (scripts/kernel_model.py --calibrate), if it exists"),
+    ("train", "f", 70, 240, "scripts/train.py with the embedded default, timed"),
+    ("calibrate", "g", 55, 120, "cost-model calibration table (scripts/kernel_model.py --calibrate), if it exists"),
 ]
-TOTAL = {"gpu": 540, "rehearse": 1030}
+TOTAL = {"gpu": 540, "rehearse": 1120}
 # Files the script leaves in $OUT (the device tool returns at most 8, 16 MiB each, names [A-Za-z0-9._-]).
 OUT_FILES = ("summary.json", "log.txt", "correctness.xml", "bench.json", "bench_large.json", "report.md",
              "calibration.md")

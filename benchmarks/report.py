@@ -61,8 +61,12 @@ def load(paths: list[str]) -> tuple[list[dict], list[dict]]:
     """All benchmark records and the files' commit headers."""
     benches, headers = [], []
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as exc:  # e.g. the empty file pytest-benchmark leaves when nothing ran
+            headers.append({"path": path, "commit": "?", "datetime": f"unreadable ({type(exc).__name__})"})
+            continue
         headers.append({"path": path, "commit": data.get("commit_info", {}).get("id", "?")[:10],
                         "datetime": data.get("datetime", "?")})
         benches.extend(data.get("benchmarks", []))

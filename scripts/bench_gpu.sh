@@ -15,7 +15,7 @@
 # point returns everything done so far:
 #   wheels        15 /  60  pip install --no-index --no-deps --target $EQUSS_PROOF_SITE (/tmp/site) wheels/*.whl
 #   a env         20 /  60  GPU, clocks, driver, versions, which wheels import from where
-#   b build      140 / 120  equss._C with CUDA: CUDA_HOME from nvcc, arch of the visible GPU, ninja from the
+#   b build      135 / 120  equss._C with CUDA: CUDA_HOME from nvcc, arch of the visible GPU, ninja from the
 #                           wheel; on failure the later stages run without it (why: summary.json "build")
 #   c correctness 70 / 150  Triton, CUDA extension, torch reference against float64: the contract tests of
 #                           tests/test_pq_*.py and tests/test_triton.py, -k "triton or ext-cuda", float64
@@ -23,8 +23,8 @@
 #   d bench      105 / 240  EQUSS shape (N=25,088, M=32, K=256, Ds=32): every op and implementation, validated,
 #                           do_bench medians, % of roofline at the precision used, peak memory
 #   e large       50 / 120  N=10^6, M=64, K=1024, Ds=32: our kernels and the torch reference, 5 calls a row
-#   f train       75 / 150  scripts/train.py, embedded default, on the GPU, timed
-#   g calibrate   45 / 120  scripts/kernel_model.py --calibrate (bench + large records) --gpu <this GPU>:
+#   f train       70 / 240  scripts/train.py, embedded default, on the GPU, timed
+#   g calibrate   55 / 120  scripts/kernel_model.py --calibrate (bench + large records) --gpu <this GPU>:
 #                           the static cost model's predictions against the measured times (skipped,
 #                           and said so, if the model is absent; it needs no GPU, so it can be redone here)
 # Total budget 540 s on the GPU machine (the whole lease is ~15 min including its start).
@@ -154,8 +154,10 @@ stage_calibrate() {
 import json, os, sys
 data = {"benchmarks": []}
 for path in sys.argv[2:]:
-    if os.path.isfile(path):
+    try:
         data["benchmarks"] += json.load(open(path)).get("benchmarks", [])
+    except (OSError, ValueError) as exc:
+        print(f"{path}: {type(exc).__name__} (skipped)")
 json.dump(data, open(sys.argv[1], "w"))
 PYEOF
   local gpu
