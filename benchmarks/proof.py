@@ -323,7 +323,10 @@ def _render_report(out: Path, summary: dict) -> None:
 
 
 def _mirror(out: Path, summary: dict) -> None:
-    """Copy $OUT into benchmarks/results/proof-<device>-<commit>/ (persistent where the tree is)."""
+    """Copy $OUT into benchmarks/results/proof-<device>-<commit>/ (persistent where the tree is; not for
+    the rehearsal, whose $OUT is its result)."""
+    if summary.get("mode") == "rehearse":
+        return
     env = summary.get("env") or {}
     device = (env.get("gpu") or {}).get("name") or ("cpu-rehearsal" if summary.get("mode") == "rehearse" else "gpu")
     slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{device}-{env.get('commit', 'nocommit')}").strip("-")
