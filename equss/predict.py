@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from equss.data.imagefolder import IMAGE_EXTENSIONS
 from equss.normalization import IMAGENET_MEAN, IMAGENET_STD
 from equss.palettes import IGNORE_COLOR, colorize, get_palette
 from equss.pipeline import load_trained
+from equss.progress import Progress
 
 __all__ = ["Prediction", "Predictor", "find_images"]
 
@@ -159,7 +159,7 @@ class Predictor:
 
             pool = CRFPool(crf_processes)
         try:
-            bar = tqdm(total=len(images), desc="predict", unit="img", disable=not progress)
+            bar = Progress(total=len(images), desc="predict", unit="img", enabled=progress)
             for size, idx in groups.items():
                 for start in range(0, len(idx), batch_size):
                     chunk = idx[start : start + batch_size]

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from equss.checkpoint import (
     FORMAT_VERSION,
@@ -54,6 +53,7 @@ from equss.pipeline import (
     measure_correlations,
     setup_runtime,
 )
+from equss.progress import Progress
 from equss.report import chance_level, format_results, kmeans_baseline, summarize
 from equss.runtime import seed_everything
 
@@ -82,6 +82,9 @@ class Trainer:
         self.featurize = Featurizer(self.backbone, self.device)
         self.data = build_train_data(cfg, self.backbone, self.device, self.dist, self.progress)
         self.n_classes = self.data.n_classes
+        log.info("data: %d training / %d validation images, %d classes; backbone %s (%d channels, patch %d)",
+                 len(self.data.images), len(self.data.val.images), self.n_classes, cfg.backbone.name,
+                 self.backbone.embed_dim, self.backbone.patch_size)
         # Unlabelled data (an image folder without labels): no metrics, so nothing to select on.
         self.labelled = bool(getattr(self.data.images, "has_labels", True) and getattr(self.data.val.images, "has_labels", True))
         self.select_on = cfg.eval.select_on if self.labelled else "last"
@@ -186,14 +189,14 @@ class Trainer:
         """Train to ``total_steps`` with validation/checkpoints every ``eval.every`` steps; return the final result."""
         cfg = self.cfg
         every = cfg.eval.every
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
+        bar = self._bar = Progress(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                                   enabled=self.progress)
         interrupted = {"flag": False}
 
         def on_sigterm(signum, frame):  # torchrun / schedulers send SIGTERM: finish the step, checkpoint, exit
             interrupted["flag"] = True
 
         previous = signal.signal(signal.SIGTERM, on_sigterm) if _in_main_thread() else None
-        t0, steps0 = time.time(), self.step
         try:
             while self.step < self.total_steps and not interrupted["flag"]:
                 epoch, start = divmod(self.step, self.steps_per_epoch)
@@ -202,9 +205,8 @@ class Trainer:
                 for batch in self.data.loader:
                     terms = self.train_step(batch)
                     self.step += 1
+                    bar.set_postfix(loss=f"{terms['loss']:.4f}", usage=f"{terms.get('pq_usage', float('nan')):.2f}")
                     bar.update(1)
-                    rate = (self.step - steps0) / max(time.time() - t0, 1e-9)
-                    bar.set_postfix(loss=f"{terms['loss']:.4f}", usage=f"{terms.get('pq_usage', float('nan')):.2f}", it_s=f"{rate:.2f}")
                     self._log({"step": self.step, "epoch": epoch, **terms}, "train")
                     if self.step % every == 0 or self.step == self.total_steps:
                         self.validate_and_checkpoint()
@@ -226,6 +228,8 @@ class Trainer:
         return self.final_evaluation()
 
     # -------------------------------------------------------------------------------------- validation
+    _bar: Progress | None = None
+
     def validate(self, crf: bool = False, keep: bool = False, desc: str = "val", loader=None) -> dict[str, Any]:
         """Probe metrics on ``loader`` (default: the validation split)."""
         return evaluate_model(
@@ -260,7 +264,7 @@ class Trainer:
                 self.save(os.path.join(self.out_dir, "best.ckpt"))
             self.save(os.path.join(self.out_dir, "last.ckpt"))
             if self.progress:
-                tqdm.write(
+                self._bar.write(
                     f"step {self.step}: cluster acc {row['cluster_acc']:.1f} mIoU {row['cluster_miou']:.1f} | "
                     f"linear acc {row['linear_acc']:.1f} mIoU {row['linear_miou']:.1f}"
                 )

@@ -44,11 +44,11 @@ def _backbone_subspaces(C: int, M: int) -> int:
 def main_from_args(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
-    from tqdm.auto import tqdm
 
     from equss.analysis import CodeHistogram, fit_product_kmeans, quantize, run_analyses
     from equss.evaluate import evaluate_model
     from equss.pipeline import load_run
+    from equss.progress import Progress
 
     run = load_run(args.checkpoint, args.overrides, device=args.device, batch_size=args.batch_size)
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "analysis")
@@ -83,7 +83,7 @@ def main_from_args(args: argparse.Namespace) -> int:
 
     hist = CodeHistogram(run.n_classes, M, K)
     with torch.no_grad():
-        for batch in tqdm(run.val.loader, desc="codes"):
+        for batch in Progress(run.val.loader, desc="codes", unit="batch"):
             label = batch["label"].to(run.device)
             f = run.featurize(batch)
             hist.update(pixel_codes(run.model.encode(f).codes, label.shape[-2:]), label.reshape(-1))

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("equss.kernels",)),
     ("ops", ("equss.ops", "equss.backends")),
-    ("foundations", ("equss.io", "equss.normalization", "equss.palettes", "equss.runtime", "equss.checkpoint",
+    ("foundations", ("equss.io", "equss.normalization", "equss.palettes", "equss.runtime", "equss.checkpoint", "equss.progress",
                      "equss.losses")),
     ("layers", ("equss.nn",)),
     ("models/data", ("equss.models", "equss.data")),

@@ -220,7 +220,7 @@ class FeatureCache:
         extra: further JSON-serialisable fields that affect the features (e.g. normalisation constants).
         verify: ``"full"`` re-checks the CRC-32 of every file on load (reads the files once, ~2 GB/s);
             ``"quick"`` checks only key, shapes and sizes (misses flipped bits).
-        progress: show a tqdm bar while computing.
+        progress: show progress while computing (:class:`equss.progress.Progress`).
 
     Usage::
 
@@ -369,7 +369,7 @@ class FeatureCache:
             os.close(dir_fd)
 
     def _write(self, tmp: Path) -> None:
-        from tqdm.auto import tqdm
+        from equss.progress import Progress
 
         backbone = self.backbone
         device = self.device
@@ -399,11 +399,11 @@ class FeatureCache:
         img_shape = None
         row = 0
         t0 = time.perf_counter()
-        bar = tqdm(
+        bar = Progress(
             total=n,
             desc=f"features {self.backbone_name} {self.key_fields['dataset']}/{self.key_fields['split']}",
             unit="img",
-            disable=not self.progress,
+            enabled=self.progress,
         )
         try:
             with torch.no_grad():

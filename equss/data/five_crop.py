@@ -99,7 +99,7 @@ def make_five_crop(
     ``jpeg_quality`` 75 is PIL's default, which STEGO's crop script used. Already written crops are
     skipped, so calling it twice is cheap and a crashed run resumes.
     """
-    from tqdm.auto import tqdm
+    from equss.progress import Progress
 
     out = five_crop_dir(root, dataset, crop_ratio)
     img_dir, label_dir = out / "img" / split, out / "label" / split
@@ -107,7 +107,7 @@ def make_five_crop(
     label_dir.mkdir(parents=True, exist_ok=True)
     writer = _CropWriter(source, img_dir, label_dir, crop_ratio, jpeg_quality)
     loader = torch.utils.data.DataLoader(writer, batch_size=None, num_workers=num_workers, shuffle=False)
-    for _ in tqdm(loader, total=len(writer), desc=f"five-crop {dataset}/{split}", disable=not progress):
+    for _ in Progress(loader, total=len(writer), desc=f"five-crop {dataset}/{split}", unit="img", enabled=progress):
         pass
     (out / f"done_{split}.json").write_text(json.dumps({"num_crops": NUM_CROPS * len(source), "crop_ratio": crop_ratio}))
     return out

@@ -16,6 +16,7 @@ key) plus metadata ``num_images``, ``model``, ``dataset``, ``split``, ``crop``, 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,14 +53,14 @@ def global_features(
     ``"feat" [C, h, w]`` — the featurizer's output already computed (e.g. by the feature cache) — which is
     used as it is instead of running the featurizer again.
     """
-    from tqdm.auto import tqdm
+    from equss.progress import Progress
 
     # Its own generator: iterating must not draw from the global RNG (a run would depend on whether the
     # kNN file existed).
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          generator=torch.Generator().manual_seed(0))
     out = []
-    for batch in tqdm(loader, desc="kNN features", disable=not progress):
+    for batch in Progress(loader, desc="kNN features", unit="batch", enabled=progress):
         f = batch["feat"] if "feat" in batch else featurizer(batch["img"].to(device))
         if f.dim() != 4:
             raise ValueError(f"featurizer must return [B, C, h, w], got shape {tuple(f.shape)}")
@@ -108,10 +109,10 @@ def knn_from_features(
     if backend != "torch":
         raise ValueError(f"knn_from_features: backend must be 'torch', 'faiss' or 'auto', got {backend!r}")
 
-    from tqdm.auto import tqdm
+    from equss.progress import Progress
 
     nns = torch.empty(N, k, dtype=torch.int64)
-    for r0 in tqdm(range(0, N, chunk_size), desc="kNN top-k", disable=not progress):
+    for r0 in Progress(range(0, N, chunk_size), desc="kNN top-k", unit="chunk", enabled=progress):
         rows = feats[r0 : r0 + chunk_size]
         n = rows.shape[0]
         best_v = torch.empty(n, 0)
@@ -270,14 +271,17 @@ def load_or_compute_knn(
                            source=source)
             if nns.shape[1] < k:
                 raise ValueError(f"it has {nns.shape[1]} neighbours, need k={k}")
+            log.info("kNN: loaded %s", path)
             return nns[:, :k], path
         except Exception as exc:  # unreadable or stale: never used, always recomputed
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             log.warning("kNN file %s cannot be used (%s): recomputing it", path, reason)
     if features is not None and len(features) != len(dataset):
         raise ValueError(f"features has {len(features)} items but the dataset has {len(dataset)} images")
+    t0 = time.perf_counter()
     nns = compute_knn(featurizer, dataset if features is None else features, k=k, batch_size=batch_size, device=device, chunk_size=chunk_size,
                       backend=backend, progress=progress)
+    log.info("kNN: %d neighbours of %d images in %.1f s -> %s", k, len(dataset), time.perf_counter() - t0, path)
     # dataset_id already encodes split and crop; they are stored separately only when known
     save_knn(path, nns, model=model, dataset=dataset_id, split=str(getattr(dataset, "split", "")),
              crop="", res=res, weights=weights, source=source)
