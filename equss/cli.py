@@ -10,6 +10,7 @@ package (``logging`` under the ``equss`` logger) go to stderr, one line each.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -39,23 +40,38 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     return args
 
 
-def _setup_logging() -> None:
+@contextlib.contextmanager
+def _command_logging():
+    """Log lines of ``equss.*`` to stderr for the duration of one command, then restore the logger.
+
+    Restoring matters when a script's ``main`` runs in-process (tests, notebooks): a handler left
+    behind with ``propagate=False`` would hide every later log record from the caller's handlers.
+    """
     logger = logging.getLogger("equss")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    if logger.handlers:  # the caller configured logging already
+        yield
+        return
+    saved = (logger.level, logger.propagate)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 def run_main(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
              argv: Sequence[str] | None = None) -> int:
     """Parse, run ``main(args)``; a user error becomes one line on stderr and exit code 2."""
     args = parse_args(parser, argv)
-    _setup_logging()
     try:
-        return main(args)
+        with _command_logging():
+            return main(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -168,6 +168,7 @@ class EvalConfig:
     crf_processes: int = 2
     flip: bool = False
     kmeans_baseline: bool = True
+    linear_baseline: bool = True
 
 
 @dataclass

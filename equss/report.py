@@ -16,7 +16,9 @@ from equss.evaluate import ConfusionMatrix
 from equss.ops import pq_assign
 from equss.ops.kmeans import product_kmeans
 
-__all__ = ["chance_level", "format_results", "kmeans_baseline", "majority_accuracy", "summarize"]
+__all__ = [
+    "chance_level", "format_results", "kmeans_baseline", "linear_baseline", "majority_accuracy", "summarize",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,64 @@ def kmeans_baseline(train_base, val_loader, featurize, n_classes, device, seed) 
     return {"cluster": cm.compute("hungarian")}
 
 
+@torch.no_grad()
+def linear_baseline(train_base, val_loader, featurize, n_classes, device, seed, max_rows: int = 200_000,
+                    iters: int = 100) -> dict[str, Any]:
+    """The upper reference: a linear classifier on the frozen backbone's features, trained with labels.
+
+    Multinomial logistic regression (full-batch L-BFGS, tiny l2, standardised features) on (a sample of)
+    the training patches, each labelled with the label of its centre pixel; on the validation set the
+    logits are upsampled bilinearly to the label size (as the EQUSS linear probe's are) and scored with the
+    identity mapping. It shows how much class information is linearly present before any training of a
+    head: EQUSS's unsupervised clusters approach it from below.
+    """
+    g = torch.Generator().manual_seed(seed)
+    xs, ys, count = [], [], 0
+    for i in torch.randperm(len(train_base), generator=g).tolist():
+        item = train_base[i]
+        if "label" not in item:
+            raise ValueError("linear baseline: the training items have no 'label' (set eval.linear_baseline=false "
+                             "for data without labels)")
+        f = featurize({k: item[k].unsqueeze(0) for k in ("feat", "img") if k in item}).float()[0].cpu()  # [C, h, w]
+        C, h, w = f.shape
+        lab = item["label"]
+        H, W = lab.shape[-2:]
+        centre = lab[(H // h) // 2 :: H // h, (W // w) // 2 :: W // w][:h, :w].reshape(-1)
+        keep = centre >= 0
+        xs.append(f.reshape(C, -1).T[keep])
+        ys.append(centre[keep])
+        count += int(keep.sum())
+        if count >= max_rows:
+            break
+    x, y = torch.cat(xs)[:max_rows].to(device), torch.cat(ys)[:max_rows].to(device)
+    t0 = time.perf_counter()
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    x = (x - mu) / sd
+    lin = torch.nn.Linear(x.shape[1], n_classes).to(device)
+    torch.nn.init.zeros_(lin.weight)
+    torch.nn.init.zeros_(lin.bias)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(lin(x), y) + 1e-4 * lin.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    cm = ConfusionMatrix(n_classes)
+    for batch in val_loader:
+        label = batch["label"].to(device)
+        f = featurize(batch).float()
+        logits = lin(((f.permute(0, 2, 3, 1) - mu) / sd)).permute(0, 3, 1, 2)
+        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+        cm.update(logits.argmax(1), label)
+    log.info("linear baseline: %d classes on %d labelled backbone features, fitted and evaluated in %.1f s",
+             n_classes, x.shape[0], time.perf_counter() - t0)
+    return {"linear": cm.compute("identity")}
+
+
 def majority_accuracy(labels: Iterable[Tensor]) -> float:
     """Pixel accuracy (%) of predicting the most frequent class everywhere (labels < 0 ignored): what a
     constant prediction gets after Hungarian matching. NaN when there is no valid pixel."""
@@ -83,7 +143,7 @@ def _add_padded(a: Tensor, b: Tensor) -> Tensor:
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"selected": result.get("selected"), "chance": result.get("chance")}
-    for key in ("no_crf", "crf", "kmeans_baseline"):
+    for key in ("no_crf", "crf", "kmeans_baseline", "linear_baseline"):
         if key in result:
             out[key] = {probe: res.to_dict() for probe, res in result[key].items() if probe in ("cluster", "linear")}
     return out
@@ -104,6 +164,10 @@ def format_results(result: dict[str, Any], cfg: TrainConfig) -> str:
     if "kmeans_baseline" in result:
         km = result["kmeans_baseline"]["cluster"]
         lines.append(f"| k-means on backbone features | {km.accuracy:.1f} | {km.miou:.1f} | — | — |")
+    if "linear_baseline" in result:
+        lb = result["linear_baseline"]["linear"]
+        lines.append(f"| linear probe on backbone features (labels; upper reference) | — | — | {lb.accuracy:.1f} "
+                     f"| {lb.miou:.1f} |")
     for key, name in (("no_crf", "EQUSS"), ("crf", "EQUSS + CRF")):
         if key in result:
             c, lin = result[key]["cluster"], result[key]["linear"]

@@ -54,7 +54,7 @@ from equss.pipeline import (
     setup_runtime,
 )
 from equss.progress import Progress
-from equss.report import chance_level, format_results, kmeans_baseline, summarize
+from equss.report import chance_level, format_results, kmeans_baseline, linear_baseline, summarize
 from equss.runtime import seed_everything
 
 __all__ = ["CollapseGuard", "Trainer", "run"]
@@ -373,6 +373,10 @@ class Trainer:
             result["crf"] = self.validate(crf=True, desc="final+crf")
         if self.cfg.eval.kmeans_baseline:
             result["kmeans_baseline"] = kmeans_baseline(
+                self.data.base, self.data.val.loader, self.featurize, self.n_classes, self.device, self.cfg.seed
+            )
+        if self.cfg.eval.linear_baseline:
+            result["linear_baseline"] = linear_baseline(
                 self.data.base, self.data.val.loader, self.featurize, self.n_classes, self.device, self.cfg.seed
             )
         result["chance"] = chance_level(self.data.val.loader)

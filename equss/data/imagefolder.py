@@ -55,7 +55,7 @@ class ImageFolder(SegmentationDataset):
             unless this is given, then every image needs one.
         class_names: names of the classes of a labelled folder (sets ``num_classes``).
         num_classes: class count of a labelled folder when no names are given.
-        num_clusters: clusters to find in an unlabelled folder (required for one: it sets ``num_classes``,
+        num_clusters: clusters to find in an unlabelled folder (training needs it: it sets ``num_classes``,
             the probes' output size, with names ``cluster_0`` ...).
         label_offset, ignore_value: see :func:`decode_label`.
     """
@@ -114,11 +114,10 @@ class ImageFolder(SegmentationDataset):
                     f"data.num_classes/data.class_names: {self.img_dir} has no labels (no {self.root / 'labels'}"
                     f"/{self.split}); for an unlabelled folder set data.num_clusters instead"
                 )
-            if not num_clusters or num_clusters < 2:
-                raise ValueError(
-                    f"data.num_clusters: {self.img_dir} has no labels, so the number of clusters to find must be "
-                    f"given (data.num_clusters=K, K >= 2), got {num_clusters!r}"
-                )
+            if num_clusters is None:  # fine for features and kNN; training asks for it (equss/pipeline.py)
+                return []
+            if num_clusters < 2:
+                raise ValueError(f"data.num_clusters: the number of clusters to find must be >= 2, got {num_clusters!r}")
             return [f"cluster_{i}" for i in range(int(num_clusters))]
         if num_clusters:
             raise ValueError(f"data.num_clusters is for unlabelled folders; {self.label_dir} holds labels "
