@@ -72,6 +72,7 @@ __all__ = [
     "entropy_vs_accuracy",
     "class_distance",
     "DISTANCE_METRICS",
+    "spread_to_subspaces",
     "fit_product_kmeans",
     "quantize",
     "plot_class_entropy",
@@ -315,6 +316,28 @@ def _split(x: Tensor, M: int, normalize: bool) -> Tensor:
     return F.normalize(x, dim=-1) if normalize else x
 
 
+def spread_to_subspaces(features: Tensor, M: int) -> Tensor:
+    """``[P, C]`` → ``[P, M·Ds]`` with ``Ds = ceil(C / M)``: the C channels split into M consecutive groups of
+    ``floor(C/M)`` or ``ceil(C/M)`` channels, each group zero-padded to Ds.
+
+    It lets a product codebook with the model's own M quantize features whose width M does not divide
+    (the demo backbone's 66 channels with M = 16): every subspace keeps real channels, and zero columns
+    change no distance between sub-vectors. Needs ``C >= M``.
+    """
+    P, C = features.shape
+    if C < M:
+        raise ValueError(f"cannot spread {C} channels over M = {M} subspaces (needs C >= M)")
+    if C % M == 0:
+        return features
+    Ds = -(-C // M)
+    out = features.new_zeros(P, M, Ds)
+    start = 0
+    for m, size in enumerate([C // M + (1 if m < C % M else 0) for m in range(M)]):
+        out[:, m, :size] = features[:, start:start + size]
+        start += size
+    return out.reshape(P, M * Ds)
+
+
 def fit_product_kmeans(
     features: Tensor,
     M: int,
@@ -399,21 +422,28 @@ def plot_class_entropy(
     entropies: Mapping[str, np.ndarray],
     class_names: Sequence[str],
     path: str | os.PathLike,
-    ylabel: str = "per-class entropy Σ_m H (bits)",
+    ylabel: str = "per-class entropy Σ_m H(k_m | class) (bits)",
+    title: str = "(a) per-class entropy of the codes (lower: a class uses fewer codeword combinations)",
 ) -> Path:
-    """Grouped bar chart of per-class entropy, one bar per model (e.g. EQUSS vs STEGO)."""
+    """Grouped bar chart of per-class entropy, one bar per model (e.g. EQUSS vs the backbone features).
+
+    The legend sits below the axes, outside the bars.
+    """
     names = list(class_names)
     n = len(names)
-    fig, ax = _figure((max(6.0, 0.45 * n + 2), 4.0))
+    fig, ax = _figure((max(7.0, 0.45 * n + 3), 4.6))
     width = 0.8 / max(1, len(entropies))
     for i, (label, h) in enumerate(entropies.items()):
         h = np.asarray(h, float)
         if h.shape != (n,):
             raise ValueError(f"entropy of {label!r} must have shape ({n},), got {h.shape}")
         ax.bar(np.arange(n) + (i - (len(entropies) - 1) / 2) * width, np.nan_to_num(h), width, label=label)
-    ax.set_xticks(np.arange(n), names, rotation=60, ha="right", fontsize=8)
+    ax.set_xticks(np.arange(n), names, rotation=45 if n > 6 else 0, ha="right" if n > 6 else "center", fontsize=9)
+    ax.set_xlabel("class")
     ax.set_ylabel(ylabel)
-    ax.legend()
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22 if n > 6 else -0.15), ncols=min(2, len(entropies)),
+              fontsize=8, frameon=False)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -422,7 +452,7 @@ def plot_codeword_usage(freq: np.ndarray, path: str | os.PathLike) -> Path:
     """Heat map of the selection frequency ``[M, K]`` (log scale) and each codebook's sorted frequencies."""
     freq = np.asarray(freq, float)
     M, K = freq.shape
-    fig, (ax0, ax1) = _figure((12, 4), ncols=2, gridspec_kw={"width_ratios": [2, 1]})
+    fig, (ax0, ax1) = _figure((12, 4.2), ncols=2, gridspec_kw={"width_ratios": [2, 1]})
     floor = 0.1 / max(1, K * 1000)  # unused codewords are shown at the bottom of the colour scale
     im = ax0.imshow(
         np.log10(np.maximum(np.nan_to_num(freq), floor)),
@@ -431,18 +461,19 @@ def plot_codeword_usage(freq: np.ndarray, path: str | os.PathLike) -> Path:
         interpolation="nearest",
     )
     ax0.set_xlabel("codeword k")
-    ax0.set_ylabel("codebook m")
-    ax0.set_title("log10 selection frequency")
-    fig.colorbar(im, ax=ax0)
+    ax0.set_ylabel("codebook (subspace) m")
+    ax0.set_title(f"(b) how often each codeword is selected (M = {M} codebooks of K = {K}; "
+                  f"bottom colour = unused)", fontsize=10)
+    fig.colorbar(im, ax=ax0, label="log10 selection frequency (share of pixels)")
     ranks = np.arange(1, K + 1)
     for m in range(M):
         ax1.plot(ranks, np.sort(np.nan_to_num(freq[m]))[::-1], lw=0.8, alpha=0.6)
-    ax1.axhline(1.0 / K, color="k", ls="--", lw=1, label="uniform 1/K")
+    ax1.axhline(1.0 / K, color="k", ls="--", lw=1, label="uniform use, 1/K")
     ax1.set_yscale("log")
-    ax1.set_xlabel("codeword rank")
-    ax1.set_ylabel("frequency")
-    ax1.set_title("sorted per codebook")
-    ax1.legend()
+    ax1.set_xlabel("codeword rank within its codebook")
+    ax1.set_ylabel("selection frequency (share of pixels)")
+    ax1.set_title("each codebook's frequencies, sorted (one line per m)", fontsize=10)
+    ax1.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -454,41 +485,83 @@ def plot_entropy_vs_accuracy(
     path: str | os.PathLike,
     frequency: np.ndarray | None = None,
 ) -> Path:
-    """Scatter of per-class entropy (x) against accuracy (y), coloured by pixel share (log), labelled."""
+    """Scatter of per-class entropy (x) against accuracy (y), coloured by pixel share (linear %), labelled.
+
+    The colour scale spans the classes' own range of pixel shares, so that small differences stay visible.
+    """
     entropy, accuracy = np.asarray(entropy, float), np.asarray(accuracy, float)
     ok = np.isfinite(entropy) & np.isfinite(accuracy)
     fig, ax = _figure((7, 5))
     if frequency is not None:
         f = np.asarray(frequency, float) * 100.0
-        sc = ax.scatter(entropy[ok], accuracy[ok], c=np.log10(np.maximum(f[ok], 1e-4)), cmap="plasma", s=30)
-        fig.colorbar(sc, ax=ax, label="log10 pixel share (%)")
+        sc = ax.scatter(entropy[ok], accuracy[ok], c=f[ok], cmap="viridis", s=40, edgecolors="k", linewidths=0.4)
+        fig.colorbar(sc, ax=ax, label="share of the validation pixels (%)")
     else:
-        ax.scatter(entropy[ok], accuracy[ok], s=30)
+        ax.scatter(entropy[ok], accuracy[ok], s=40)
     for i in np.flatnonzero(ok):
         ax.annotate(
-            class_names[i], (entropy[i], accuracy[i]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            class_names[i], (entropy[i], accuracy[i]), fontsize=8, xytext=(4, 3), textcoords="offset points"
         )
-    ax.set_xlabel("per-class entropy (bits)")
-    ax.set_ylabel("per-class accuracy (%)")
+    ax.set_xlabel("per-class entropy Σ_m H(k_m | class) (bits)")
+    ax.set_ylabel("per-class accuracy of the cluster probe (%)")
+    ax.set_title("(c) entropy against accuracy, one point per class", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+DISTANCE_LABELS = {
+    "centroid": ("distance between the classes' mean quantized vectors",
+                 "‖μ_a − μ_b‖ / largest (0 = same mean)"),
+    "pairwise": ("root-mean-square distance between the quantized vectors of two classes' pixels",
+                 "sqrt(E‖q_a − q_b‖²) / largest"),
+    "hamming": ("share of the M codebooks whose most used codeword differs",
+                "share of codebooks (0 = same modal codes)"),
+    "js": ("Jensen–Shannon distance of the classes' code distributions, mean over codebooks",
+           "JS distance, base 2 (0 = same, 1 = disjoint)"),
+}
 
 
 def plot_class_distance(
     matrix: np.ndarray,
     class_names: Sequence[str],
     path: str | os.PathLike,
-    title: str = "inter-class distance",
+    metric: str | None = None,
+    title: str | None = None,
 ) -> Path:
-    """Class × class heat map; darker = closer (``magma``: 0 is black); NaN (absent class) in grey."""
+    """Class × class heat map of one of :data:`DISTANCE_METRICS`; darker = closer (``magma``).
+
+    The colour scale spans the off-diagonal values (the distances between different classes), so that a
+    metric whose values crowd near its maximum (Hamming) still shows its range; the diagonal is drawn
+    in grey when it is zero by definition, as are absent classes (NaN).
+    """
+    matrix = np.array(matrix, dtype=np.float64)
     n = len(class_names)
+    what, unit = DISTANCE_LABELS.get(metric or "", ("inter-class distance", "distance"))
+    shown = matrix.copy()
+    if metric != "pairwise":  # zero by definition
+        np.fill_diagonal(shown, np.nan)
+    off = shown[np.isfinite(shown)]
+    vmin, vmax = (float(off.min()), float(off.max())) if off.size else (0.0, 1.0)
+    if vmax <= vmin:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
     cmap = matplotlib.colormaps["magma"].with_extremes(bad="lightgrey")
-    fig, ax = _figure((max(5.0, 0.3 * n + 3), max(4.0, 0.3 * n + 2)))
-    im = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0.0, interpolation="nearest")
-    ax.set_xticks(np.arange(n), class_names, rotation=90, fontsize=7)
-    ax.set_yticks(np.arange(n), class_names, fontsize=7)
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax)
+    side = max(5.0, 0.42 * n + 3.0)
+    fig, ax = _figure((side + 1.5, side))
+    im = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    fs = 9 if n <= 15 else 7
+    ax.set_xticks(np.arange(n), class_names, rotation=45, ha="right", fontsize=fs)
+    ax.set_yticks(np.arange(n), class_names, fontsize=fs)
+    ax.set_xlabel("class b")
+    ax.set_ylabel("class a")
+    if n <= 12:  # the values themselves, readable beside the colours
+        for a in range(n):
+            for b in range(n):
+                if np.isfinite(shown[a, b]):
+                    v = shown[a, b]
+                    ax.text(b, a, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if v < (vmin + vmax) / 2 else "black")
+    ax.set_title(title or f"(d) inter-class distance ({metric}):\n{what}", fontsize=10)
+    fig.colorbar(im, ax=ax, label=unit)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -560,7 +633,8 @@ def run_analyses(
         entropies if same_shape else normalized,
         names,
         out / "class_entropy.png",
-        ylabel="per-class entropy Σ_m H (bits)" if same_shape else "per-class entropy / (M·log2 K)",
+        ylabel="per-class entropy Σ_m H(k_m | class) (bits)" if same_shape
+        else "per-class entropy / its maximum M·log2 K",
     )
 
     freq = codeword_frequency(histogram.all_counts)
@@ -586,7 +660,5 @@ def run_analyses(
         files[f"{stem}.json"] = save_json(
             out / f"{stem}.json", {"metric": metric, "class_names": names, "distance": d}
         )
-        files[f"{stem}.png"] = plot_class_distance(
-            d, names, out / f"{stem}.png", title=f"inter-class distance ({metric})"
-        )
+        files[f"{stem}.png"] = plot_class_distance(d, names, out / f"{stem}.png", metric=metric)
     return files

@@ -9,7 +9,7 @@ Selection happens at call time, per op call, from the device of the inputs:
   the command that fixes it — never a silent fallback.
 
 Availability is probed once, lazily, and the failure reasons are kept: ``equss.backends.describe()``
-or ``python -m equss.backends`` prints them.
+or ``python -m equss`` prints them.
 
 Every backend implements the ops in :data:`OP_NAMES` with the signatures of the ``*_ref`` twins in
 :mod:`equss.ops.reference`: the reference itself (``torch``), the ``<op>_triton`` launchers of
@@ -234,6 +234,3 @@ def describe() -> str:
     lines.append("  dispatch: " + "; ".join(auto))
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    print(describe())

@@ -3,7 +3,8 @@
 
 Over the validation split: (a) per-class entropy of the PQ codes, beside the same statistic for the
 frozen backbone's continuous features quantized by a k-means product codebook with the same M and K
-(the "without EQUSS head" reference); (b) how often each codeword of each codebook is selected;
+(the "without EQUSS head" reference; when M does not divide the backbone width, the channels are spread
+over the M subspaces and zero-padded, see equss.analysis.spread_to_subspaces); (b) how often each codeword of each codebook is selected;
 (c) per-class entropy against per-class cluster-probe accuracy; (d) inter-class distance between the
 codeword combinations the classes use. Each is written as JSON numbers and a PNG.
 
@@ -36,16 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _backbone_subspaces(C: int, M: int) -> int:
-    """The largest number of subspaces <= M that divides the backbone width C (M itself for 384/768)."""
-    return max(m for m in range(1, M + 1) if C % m == 0)
-
-
 def main_from_args(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
 
-    from equss.analysis import CodeHistogram, fit_product_kmeans, quantize, run_analyses
+    from equss.analysis import CodeHistogram, fit_product_kmeans, quantize, run_analyses, spread_to_subspaces
     from equss.evaluate import evaluate_model
     from equss.pipeline import load_run
     from equss.progress import Progress
@@ -59,7 +55,7 @@ def main_from_args(args: argparse.Namespace) -> int:
                              n_clusters=n_clusters, desc="cluster accuracy")["cluster"]
 
     # Reference: the frozen backbone's continuous features, quantized by a product k-means codebook
-    # (same K; M reduced to a divisor of the backbone width if needed) fitted on a sample of them.
+    # with the model's M and K, fitted on a sample of them.
     ref_cb = None
     if not args.no_reference:
         rows, n_rows = [], 0
@@ -70,10 +66,10 @@ def main_from_args(args: argparse.Namespace) -> int:
                 n_rows += rows[-1].shape[0]
                 if n_rows >= args.reference_pixels:
                     break
-        x = torch.cat(rows)
-        Mb, Kb = _backbone_subspaces(x.shape[1], M), min(K, x.shape[0])
-        ref_cb, _ = fit_product_kmeans(x[: args.reference_pixels], Mb, Kb)
-        ref_hist = CodeHistogram(run.n_classes, Mb, Kb)
+        x = spread_to_subspaces(torch.cat(rows), M)
+        Kb = min(K, x.shape[0])
+        ref_cb, _ = fit_product_kmeans(x[: args.reference_pixels], M, Kb)
+        ref_hist = CodeHistogram(run.n_classes, M, Kb)
 
     # Codes live on the feature grid; every pixel takes the code of its patch (nearest upsampling), so
     # class statistics weigh classes by their pixel counts, as the metrics do.
@@ -89,17 +85,18 @@ def main_from_args(args: argparse.Namespace) -> int:
             hist.update(pixel_codes(run.model.encode(f).codes, label.shape[-2:]), label.reshape(-1))
             if ref_cb is not None:
                 B, C, h, w = f.shape
-                rc = quantize(f.permute(0, 2, 3, 1).reshape(-1, C).cpu(), ref_cb)  # [B·h·w, Mb]
+                rc = quantize(spread_to_subspaces(f.permute(0, 2, 3, 1).reshape(-1, C).cpu(), M), ref_cb)  # [B·h·w, M]
                 rc = rc.reshape(B, h, w, -1).permute(0, 3, 1, 2)
                 ref_hist.update(pixel_codes(rc, label.shape[-2:]), label.reshape(-1).cpu())
     reference = None
     if ref_cb is not None:
-        reference = {f"backbone features (k-means PQ, M={ref_cb.shape[0]}, K={ref_cb.shape[1]})": ref_hist}
+        reference = {f"frozen backbone features, k-means product codebook (M={ref_cb.shape[0]}, K={ref_cb.shape[1]})": ref_hist}
 
     codebooks = run.model.quantizer.codebooks.detach().float().cpu()
+    hist_name = f"EQUSS PQ codes (M={M}, K={K})"
     files = run_analyses(
         out_dir, hist, run.class_names, codebooks=codebooks, class_accuracy=metrics.class_accuracy,
-        model_name="EQUSS", reference=reference,
+        model_name=hist_name, reference=reference,
     )
     for name, path in sorted(files.items()):
         print(f"{name}: {path}")

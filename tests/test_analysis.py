@@ -298,3 +298,52 @@ def test_prediction_grid_png(tmp_path):
     assert panel(2, 1, 15, 2).tolist() == pal[cluster[1, 15, 2]].tolist()
     assert panel(1, 1, 2, 2).tolist() == [0, 0, 0]  # ignored label drawn black
     assert panel(3, 1, 19, 19).tolist() == pal[linear[1, 19, 19]].tolist()
+
+
+def test_spread_to_subspaces_keeps_every_channel_and_distances():
+    from equss.analysis import spread_to_subspaces
+
+    x = torch.randn(7, 66)
+    y = spread_to_subspaces(x, 16)  # 66 = 2·5 + 14·4 channels, each group padded to 5
+    assert y.shape == (7, 80)
+    groups = y.reshape(7, 16, 5)
+    assert (groups[:, :2] != 0).all() and (groups[:, 2:, 4] == 0).all() and (groups[:, 2:, :4] != 0).all()
+    assert torch.equal(groups[:, :, :4].reshape(7, -1)[:, :8].reshape(7, 2, 4), x[:, :10].reshape(7, 2, 5)[..., :4])
+    assert torch.allclose(torch.cdist(y, y), torch.cdist(x, x), atol=1e-5)
+    assert spread_to_subspaces(x, 6) is x
+    with pytest.raises(ValueError, match="needs C >= M"):
+        spread_to_subspaces(torch.randn(2, 3), 4)
+
+
+def test_figures_are_labelled(tmp_path):
+    """Every axis and colour bar of the analysis figures has a label, every figure a title."""
+    from matplotlib.figure import Figure
+
+    from equss import analysis as A
+
+    saved = []
+    orig = A._save
+
+    def keep(fig, path):
+        saved.append(fig)
+        return orig(fig, path)
+
+    A._save = keep
+    try:
+        hist = A.CodeHistogram(3, 4, 8)
+        g = torch.Generator().manual_seed(0)
+        hist.update(torch.randint(0, 8, (300, 4), generator=g), torch.randint(0, 3, (300,), generator=g))
+        A.run_analyses(tmp_path, hist, ["a", "b", "c"], codebooks=torch.randn(4, 8, 2),
+                       class_accuracy=np.array([50.0, 60.0, 70.0]))
+    finally:
+        A._save = orig
+    assert len(saved) >= 7
+    for fig in saved:
+        assert isinstance(fig, Figure)
+        axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+        bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+        assert any(ax.get_title() for ax in axes)
+        for ax in axes:
+            assert ax.get_xlabel() and ax.get_ylabel(), ax.get_title()
+        for cb in bars:
+            assert cb.get_ylabel(), axes[0].get_title()
