@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("config", ("equss.config",)),
     ("evaluation", ("equss.evaluate", "equss.crf", "equss.report", "equss.analysis", "equss.visualize")),
     ("pipeline", ("equss.pipeline",)),
-    ("applications", ("equss.train", "equss.predict", "equss.cli")),
+    ("applications", ("equss.train", "equss.predict", "equss.cli", "equss.__main__")),
 ]
 SIBLINGS = [("equss.models", "equss.data"), ("equss.train", "equss.predict")]
 
