@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> pq_assign(const at::Tensor& x, const at::Tens
     C10_CUDA_CHECK((assign::launch_assign<storage_t<scalar_t>, false>(
         storage_ptr<scalar_t>(x), packed.w.const_data_ptr<float>(), packed.bias.const_data_ptr<float>(),
         codes.mutable_data_ptr<int32_t>(), min_dist.mutable_data_ptr<float>(), N, M, K, Ds, l2, assign::FusedOut{},
-        stream)));
+        smem_optin_bytes(), stream)));
   });
   return {codes, min_dist};
 }

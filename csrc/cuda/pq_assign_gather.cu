@@ -61,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "equss_pq_assign_gather_cuda", [&] {
     C10_CUDA_CHECK((assign::launch_assign<storage_t<scalar_t>, true>(
         storage_ptr<scalar_t>(x), packed.w.const_data_ptr<float>(), packed.bias.const_data_ptr<float>(),
-        codes.mutable_data_ptr<int32_t>(), min_dist.mutable_data_ptr<float>(), N, M, K, Ds, l2, fused, stream)));
+        codes.mutable_data_ptr<int32_t>(), min_dist.mutable_data_ptr<float>(), N, M, K, Ds, l2, fused, smem_optin_bytes(), stream)));
   });
   return {codes, min_dist, quantized, sq_err, counts, sums};
 }

@@ -41,7 +41,11 @@ constexpr int kThreads = 256;
 constexpr int kBM = 128;               // rows per block
 constexpr int kBN = 128;               // codewords per k-tile
 constexpr int kBK = 32;                // dims per pipeline stage
-constexpr int kDStep = 8;              // Ds padded to a multiple of this (the unrolled d loop)
+constexpr int kDStep = 8;              // Ds padded to a multiple of this
+#ifndef EQUSS_UNROLL
+#define EQUSS_UNROLL 8
+#endif
+constexpr int kUnroll = EQUSS_UNROLL;  // d steps per iteration of the rolled, software-pipelined d loop
 constexpr int kXStride = kBM + 4;      // transposed x tile row: 16-byte aligned, conflict-free stores
 constexpr int kXTile = kBK * kXStride;  // floats per x buffer
 constexpr int kWTile = kBK * kBN;       // floats per W buffer
@@ -52,12 +56,15 @@ __host__ __device__ inline int64_t padded_ds(int64_t Ds) { return (Ds + kDStep -
 inline int64_t num_k_tiles(int64_t K) { return (K + kBN - 1) / kBN; }
 inline int64_t num_d_chunks(int64_t Ds) { return (padded_ds(Ds) + kBK - 1) / kBK; }
 
-// Dynamic shared memory of assign_tile_kernel: x buffers (one when Ds fits one stage), the W double
-// buffer, two bias tiles, the running minima (8 values + 8 indices per thread), ||x||² and the codes of
-// the block's rows. 67.5 KiB for Ds <= 32: two blocks per SM on A100 and H100.
-inline size_t tile_smem_bytes(int64_t Ds) {
-  const int64_t x_buffers = num_d_chunks(Ds) == 1 ? 1 : 2;
-  return sizeof(float) * static_cast<size_t>(x_buffers * kXTile + 2 * kWTile + 2 * kBN + 16 * kThreads + 2 * kBM);
+// Dynamic shared memory of assign_tile_kernel: x buffers (one when Ds fits one stage), W and bias buffers
+// (two when pipelined), the running minima (8 values + 8 indices per thread), ||x||² and the codes of the
+// block's rows. Pipelined, Ds <= 32: 67.5 KiB, two blocks per SM on A100 and H100. Without the pipeline
+// (GPUs whose opt-in limit is below that, e.g. 64 KiB on sm_75): 50.5 KiB.
+inline size_t tile_smem_bytes(int64_t Ds, bool pipelined) {
+  const int64_t x_buffers = num_d_chunks(Ds) > 1 && pipelined ? 2 : 1;
+  const int64_t w_buffers = pipelined ? 2 : 1;
+  return sizeof(float) *
+         static_cast<size_t>(x_buffers * kXTile + w_buffers * (kWTile + kBN) + 16 * kThreads + 2 * kBM);
 }
 
 // ------------------------------------------------------------------------------------------- packing
@@ -136,9 +143,11 @@ __device__ __forceinline__ void load_w_stage(float* __restrict__ Wsm, float* __r
   static_assert(kBN / 4 * kDStep % kThreads == 0, "whole pieces per thread");
   constexpr int kPiecesPerStep = kBN / 4 * kDStep / kThreads;
   const int pieces = len / kDStep * kPiecesPerStep;
-  for (int i = 0; i < pieces; ++i) {
-    const int c = tid + i * kThreads;
-    cp_async_16(Wsm + 4 * c, src + 4 * c);
+  // Fixed trip count with a guard: one base address and immediate offsets (a runtime-bounded loop gets
+  // unrolled with a remainder and costs the registers the main loop needs).
+#pragma unroll
+  for (int i = 0; i < kBK / kDStep * kPiecesPerStep; ++i) {
+    if (i < pieces) cp_async_16(Wsm + 4 * (tid + i * kThreads), src + 4 * (tid + i * kThreads));
   }
   if (bsrc != nullptr && tid < kBN / 4) cp_async_16(Bsm + 4 * tid, bsrc + 4 * tid);
 }
@@ -150,8 +159,23 @@ __device__ __forceinline__ void load_best(float (&v)[8], uint32_t (&k)[8], const
   k[0] = k0.x, k[1] = k0.y, k[2] = k0.z, k[3] = k0.w, k[4] = k1.x, k[5] = k1.y, k[6] = k1.z, k[7] = k1.w;
 }
 
-template <typename scalar_t, bool kFused>
-__global__ void __launch_bounds__(kThreads, 2)
+// blockIdx.x, read with a volatile move so that values derived from it (the subspace, the first row, the
+// packed-W base) are recomputed where they are needed instead of being kept live across the main loop
+// (where every register goes to the accumulators and operand fragments).
+__device__ __forceinline__ uint32_t block_index() {
+#if defined(__CUDA_ARCH__)
+  uint32_t b;
+  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(b));
+  return b;
+#else
+  return blockIdx.x;
+#endif
+}
+
+// Two blocks per SM for the pipelined layout (128 registers per thread); the single-buffer layout exists
+// for GPUs with little shared memory, where one block per SM is all that fits anyway.
+template <typename scalar_t, bool kFused, bool kPipelined>
+__global__ void __launch_bounds__(kThreads, kPipelined ? 2 : 1)
     assign_tile_kernel(const scalar_t* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
                        int32_t* __restrict__ codes, float* __restrict__ min_dist, int64_t N, int M, int K, int Ds,
                        int n_kt, bool l2, FusedOut fused) {
@@ -160,11 +184,16 @@ __global__ void __launch_bounds__(kThreads, 2)
   float* smem = reinterpret_cast<float*>(smem_raw);
   const int Dp = static_cast<int>(padded_ds(Ds));
   const int n_dc = (Dp + kBK - 1) / kBK;
-  const int x_buffers = n_dc == 1 ? 1 : 2;
+  // kPipelined: stage s + 1 is loaded while stage s computes (double buffers); else every stage is loaded
+  // after the previous one finished, into single buffers (a compile-time choice: the runtime branch alone
+  // costs the registers that keep the main loop free of spills).
+  constexpr bool pipelined = kPipelined;
+  const bool x_double = pipelined && n_dc > 1;
+  const int w_buffers = pipelined ? 2 : 1;
   float* xs = smem;
-  float* ws = xs + x_buffers * kXTile;
-  float* bs = ws + 2 * kWTile;
-  float* best_s = bs + 2 * kBN;  // 16 per thread: running minima and their codeword indices
+  float* ws = xs + (x_double ? 2 : 1) * kXTile;
+  float* bs = ws + w_buffers * kWTile;
+  float* best_s = bs + w_buffers * kBN;  // 16 per thread: running minima and their codeword indices
   float* xsq_s = best_s + 16 * kThreads;
   int32_t* code_s = reinterpret_cast<int32_t*>(xsq_s + kBM);
 
@@ -173,16 +202,16 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int tc = lane & 15;                     // codeword group: one half-warp spans all 16
   const int tr = (tid >> 5) * 2 + (lane >> 4);  // row group
   // blockIdx.x = row_tile·M + m: the M blocks of one row tile run together and read one contiguous
-  // stretch of x.
-  const int m = static_cast<int>(blockIdx.x % static_cast<uint32_t>(M));
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x / static_cast<uint32_t>(M)) * kBM;
-  // The packed W of subspace m, [n_kt][Dp][kBN]: stage (kt, dc) starts at (kt·Dp + dc·kBK)·kBN.
-  const float* w_m = w + static_cast<int64_t>(m) * n_kt * Dp * kBN;
-  const float* b_m = bias + static_cast<int64_t>(m) * n_kt * kBN;
+  // stretch of x. The packed W of subspace m is [n_kt][Dp][kBN]: stage (kt, dc) starts at
+  // (kt·Dp + dc·kBK)·kBN.
+#define EQUSS_BLOCK_M static_cast<int>(block_index() % static_cast<uint32_t>(M))
+#define EQUSS_BLOCK_ROW0 (static_cast<int64_t>(block_index() / static_cast<uint32_t>(M)) * kBM)
+#define EQUSS_W_M (w + static_cast<int64_t>(EQUSS_BLOCK_M) * n_kt * Dp * kBN)
+#define EQUSS_B_M (bias + static_cast<int64_t>(EQUSS_BLOCK_M) * n_kt * kBN)
 
   // Prologue: x chunk 0 (synchronous, converted) and the first W stage (asynchronous).
-  load_x_tile<kBM / 32>(xs, x, row0, N, M, m, Ds, 0, tid);
-  load_w_stage(ws, bs, w_m, b_m, min(kBK, Dp), tid);
+  load_x_tile<kBM / 32>(xs, x, EQUSS_BLOCK_ROW0, N, M, EQUSS_BLOCK_M, Ds, 0, tid);
+  load_w_stage(ws, bs, EQUSS_W_M, EQUSS_B_M, min(kBK, Dp), tid);
   cp_async_commit();
   if (tid < kBM) xsq_s[tid] = 0.f;
 
@@ -200,24 +229,35 @@ __global__ void __launch_bounds__(kThreads, 2)
   int dc = 0;
   for (int s = 0; s < n_stages; ++s) {
     const int len = min(kBK, Dp - dc * kBK);
-    if (s + 1 < n_stages) {
-      // Stage s + 1 into the other buffers, last read in stage s - 1 (which ended with __syncthreads()).
-      const int dc1 = dc + 1 == n_dc ? 0 : dc + 1;
-      const int kt1 = dc1 == 0 ? kt + 1 : kt;
-      const int len1 = min(kBK, Dp - dc1 * kBK);
-      load_w_stage(ws + ((s + 1) & 1) * kWTile, bs + (kt1 & 1) * kBN,
-                   w_m + (static_cast<int64_t>(kt1) * Dp + dc1 * kBK) * kBN,
-                   dc1 == 0 ? b_m + static_cast<int64_t>(kt1) * kBN : nullptr, len1, tid);
-      cp_async_commit();
-      if (n_dc > 1) load_x_tile<1>(xs + ((s + 1) & 1) * kXTile, x, row0, N, M, m, Ds, dc1 * kBK, tid);
-      cp_async_wait<1>();
+    if constexpr (pipelined) {
+      if (s + 1 < n_stages) {
+        // Stage s + 1 into the other buffers, last read in stage s - 1 (which ended with __syncthreads()).
+        const int dc1 = dc + 1 == n_dc ? 0 : dc + 1;
+        const int kt1 = dc1 == 0 ? kt + 1 : kt;
+        load_w_stage(ws + ((s + 1) & 1) * kWTile, bs + (kt1 & 1) * kBN,
+                     EQUSS_W_M + (static_cast<int64_t>(kt1) * Dp + dc1 * kBK) * kBN,
+                     dc1 == 0 ? EQUSS_B_M + static_cast<int64_t>(kt1) * kBN : nullptr, min(kBK, Dp - dc1 * kBK), tid);
+        cp_async_commit();
+        if (n_dc > 1) {
+          load_x_tile<1>(xs + ((s + 1) & 1) * kXTile, x, EQUSS_BLOCK_ROW0, N, M, EQUSS_BLOCK_M, Ds, dc1 * kBK, tid);
+        }
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
     } else {
+      if (s > 0) {  // stage s into the single buffers, free since stage s - 1 ended with __syncthreads()
+        load_w_stage(ws, bs, EQUSS_W_M + (static_cast<int64_t>(kt) * Dp + dc * kBK) * kBN,
+                     dc == 0 ? EQUSS_B_M + static_cast<int64_t>(kt) * kBN : nullptr, len, tid);
+        cp_async_commit();
+        if (n_dc > 1) load_x_tile<1>(xs, x, EQUSS_BLOCK_ROW0, N, M, EQUSS_BLOCK_M, Ds, dc * kBK, tid);
+      }
       cp_async_wait<0>();
     }
     __syncthreads();
 
-    const float* X = xs + (n_dc > 1 ? (s & 1) * kXTile : 0);
-    const float* W = ws + (s & 1) * kWTile;
+    const float* X = xs + (x_double ? (s & 1) * kXTile : 0);
+    const float* W = ws + (pipelined ? (s & 1) * kWTile : 0);
     if (kt == 0 && tid < kBM) {
       float x_sq = xsq_s[tid];  // ||x||² of row tid, d ascending
       for (int d = 0; d < len; ++d) {
@@ -227,7 +267,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       xsq_s[tid] = x_sq;
     }
     if (dc == 0) {
-      const float* B = bs + (kt & 1) * kBN;
+      const float* B = bs + (pipelined ? (kt & 1) * kBN : 0);
       const float4 b0 = *reinterpret_cast<const float4*>(B + tc * 4);
       const float4 b1 = *reinterpret_cast<const float4*>(B + 64 + tc * 4);
       const float bj[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
@@ -237,16 +277,27 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int j = 0; j < 8; ++j) acc[i][j] = bj[j];
       }
     }
+    // Software-pipelined d loop: the operands of step d + 1 are loaded while step d computes, and they are
+    // the loop's only carried values besides the accumulators (a rolled loop of kUnroll steps, so the
+    // scheduler cannot hoist loads further ahead and the 64 accumulators + 2 × 16 operands fit the
+    // 128-register budget of two blocks per SM).
     const float* xp = X + tr * 4;
     const float* wp = W + tc * 4;
-    for (int d0 = 0; d0 < len; d0 += kDStep) {
+    float4 a0 = *reinterpret_cast<const float4*>(xp);
+    float4 a1 = *reinterpret_cast<const float4*>(xp + 64);
+    float4 w0 = *reinterpret_cast<const float4*>(wp);
+    float4 w1 = *reinterpret_cast<const float4*>(wp + 64);
+#pragma unroll 1
+    for (int d0 = 0; d0 < len; d0 += kUnroll) {
 #pragma unroll
-      for (int u = 0; u < kDStep; ++u) {
-        const int d = d0 + u;
-        const float4 a0 = *reinterpret_cast<const float4*>(xp + d * kXStride);
-        const float4 a1 = *reinterpret_cast<const float4*>(xp + d * kXStride + 64);
-        const float4 w0 = *reinterpret_cast<const float4*>(wp + d * kBN);
-        const float4 w1 = *reinterpret_cast<const float4*>(wp + d * kBN + 64);
+      for (int u = 0; u < kUnroll; ++u) {
+        // Step len (after the last) reads the next row of the buffer, which is still inside the shared
+        // allocation (every buffer is followed by another one or the bias / minima arrays) and unused.
+        const int dn = d0 + u + 1;
+        const float4 na0 = *reinterpret_cast<const float4*>(xp + dn * kXStride);
+        const float4 na1 = *reinterpret_cast<const float4*>(xp + dn * kXStride + 64);
+        const float4 nw0 = *reinterpret_cast<const float4*>(wp + dn * kBN);
+        const float4 nw1 = *reinterpret_cast<const float4*>(wp + dn * kBN + 64);
         const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
         const float b[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
 #pragma unroll
@@ -254,6 +305,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
           for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
         }
+        a0 = na0, a1 = na1, w0 = nw0, w1 = nw1;
       }
     }
     if (dc == n_dc - 1) {
@@ -284,6 +336,13 @@ __global__ void __launch_bounds__(kThreads, 2)
       ++kt;
     }
   }
+
+  const int m = EQUSS_BLOCK_M;
+  const int64_t row0 = EQUSS_BLOCK_ROW0;
+#undef EQUSS_BLOCK_M
+#undef EQUSS_BLOCK_ROW0
+#undef EQUSS_W_M
+#undef EQUSS_B_M
 
   // The 16 threads of a row group (one half-warp) hold disjoint codeword sets: lexicographic minimum.
   float best[8];
@@ -379,12 +438,15 @@ void launch_pack(const scalar_t* cb, float* w, float* bias, int64_t M, int64_t K
       <<<static_cast<unsigned>(M * n_kt), kBN, 0, stream>>>(cb, w, bias, K, Ds, padded_ds(Ds), n_kt, l2);
 }
 
+// `smem_optin`: the device's opt-in shared-memory limit per block (cudaDevAttrMaxSharedMemoryPerBlockOptin);
+// the pipelined layout is used when it fits.
 template <typename scalar_t, bool kFused>
 cudaError_t launch_assign(const scalar_t* x, const float* w, const float* bias, int32_t* codes, float* min_dist,
                           int64_t N, int64_t M, int64_t K, int64_t Ds, bool l2, const FusedOut& fused,
-                          cudaStream_t stream) {
-  const size_t smem = tile_smem_bytes(Ds);
-  auto* kernel = &assign_tile_kernel<scalar_t, kFused>;
+                          size_t smem_optin, cudaStream_t stream) {
+  const bool pipelined = tile_smem_bytes(Ds, true) <= smem_optin;
+  const size_t smem = tile_smem_bytes(Ds, pipelined);
+  auto* kernel = pipelined ? &assign_tile_kernel<scalar_t, kFused, true> : &assign_tile_kernel<scalar_t, kFused, false>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const int64_t blocks = (N + kBM - 1) / kBM * M;
