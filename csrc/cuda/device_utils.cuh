@@ -77,17 +77,31 @@ struct AnyFloatPtr {
 };
 
 // Sum over the `width` lanes (a power of two <= 32) of an aligned lane group; every lane of the warp must
-// call it (all 32 take part in the shuffles), each group gets its own sum.
+// call it (all 32 take part in the shuffles), each group gets its own sum. Unrolled, `width` is uniform.
 __device__ __forceinline__ float group_sum(float v, int width) {
-  for (int o = width >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    if (o < width) v += __shfl_xor_sync(0xffffffffu, v, o);
+  }
   return v;
 }
 
-// Smallest power of two >= min(n, 32): the lanes of a row group (one row of Ds elements per group).
+// Smallest power of two >= min(n, 32).
 inline int row_group_width(int64_t n) {
   int g = 1;
   while (g < 32 && g < n) g <<= 1;
   return g;
+}
+
+// Row groups of the row-wise kernels (segment sums, the fused epilogue): a row of Ds elements is handled by
+// G lanes with kRowElems consecutive elements each (chunks of kRowElems·G elements), G the smallest power
+// of two >= ceil(Ds / kRowElems), at most 32. Returns log2(G).
+constexpr int kRowElems = 4;
+inline int row_group_shift(int64_t Ds) {
+  const int g = row_group_width((Ds + kRowElems - 1) / kRowElems);
+  int shift = 0;
+  while ((1 << shift) < g) ++shift;
+  return shift;
 }
 
 // ---------------------------------------------------------------------------------------- cp.async

@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   fused.counts = counts.mutable_data_ptr<float>();
   fused.stats_x = has_stats ? any_float_ptr(*stats_x) : AnyFloatPtr{nullptr, FloatKind::kFloat};
   fused.sums = has_stats ? sums.mutable_data_ptr<float>() : nullptr;
-  fused.group_width = row_group_width(Ds);
+  fused.group_shift = row_group_shift(Ds);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "equss_pq_assign_gather_cuda", [&] {
     C10_CUDA_CHECK((assign::launch_assign<storage_t<scalar_t>, true>(
         storage_ptr<scalar_t>(x), packed.w.const_data_ptr<float>(), packed.bias.const_data_ptr<float>(),

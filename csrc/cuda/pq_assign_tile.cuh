@@ -106,7 +106,7 @@ struct FusedOut {
   float* counts;              // [M, K]
   AnyFloatPtr stats_x;        // [N, M, Ds] or data == nullptr
   float* sums;                // [M, K, Ds] (stats_x given)
-  int group_width;            // lanes per row in the epilogue: row_group_width(Ds)
+  int group_shift;            // log2 of the lanes per row in the epilogue: row_group_shift(Ds)
 };
 
 // ------------------------------------------------------------------------------------------ the tile
@@ -382,12 +382,13 @@ __global__ void __launch_bounds__(kThreads, kPipelined ? 2 : 1)
   }
   if constexpr (kFused) {
     __syncthreads();
-    // One row per group of G lanes (G = power of two >= min(Ds, 32)); the loop bounds are uniform across
-    // the warp, so every lane reaches the shuffles of group_sum.
-    const int G = fused.group_width;
-    const int group = tid / G;
-    const int lg = tid - group * G;
-    const int rows_per_pass = kThreads / G;
+    // Row groups of G lanes with kRowElems consecutive elements each (device_utils.cuh; 4 rows of Ds = 32
+    // per warp); the loop bounds are uniform across the warp, so every lane reaches group_sum's shuffles.
+    const int G = 1 << fused.group_shift;
+    const int group = tid >> fused.group_shift;
+    const int d_lane = (tid & (G - 1)) * kRowElems;
+    const int chunk = kRowElems * G;
+    const int rows_per_pass = kThreads >> fused.group_shift;
     const bool x_in_smem = n_dc == 1;
     const bool has_stats = fused.stats_x.data != nullptr;
     for (int rb = 0; rb < kBM; rb += rows_per_pass) {
@@ -398,29 +399,41 @@ __global__ void __launch_bounds__(kThreads, kPipelined ? 2 : 1)
       const int64_t k = code_s[rs];
       const bool x_valid = isfinite(xsq_s[rs]);
       const int64_t xrow = (n * M + m) * Ds;
-      const int64_t qrow = (m * K + k) * Ds;
+      const int64_t qrow = (m * static_cast<int64_t>(K) + k) * Ds;
       float se = 0.f, ss = 0.f;
       if (active) {
-        for (int64_t d = lg; d < Ds; d += G) {
-          const float xv = x_in_smem ? xs[d * kXStride + r] : to_float(load_ro(x + xrow + d));
-          const float qv = fused.codebooks_out.copy_to(qrow + d, fused.quantized, xrow + d);
-          const float diff = xv - qv;
-          se = fmaf(diff, diff, se);
-          if (has_stats) {
-            const float sv = fused.stats_x.load_float(xrow + d);
-            ss = fmaf(sv, sv, ss);
+        for (int c = d_lane; c < Ds; c += chunk) {
+#pragma unroll
+          for (int e = 0; e < kRowElems; ++e) {
+            const int d = c + e;
+            if (d < Ds) {
+              const float xv = x_in_smem ? xs[d * kXStride + r] : to_float(load_ro(x + xrow + d));
+              const float qv = fused.codebooks_out.copy_to(qrow + d, fused.quantized, xrow + d);
+              const float diff = xv - qv;
+              se = fmaf(diff, diff, se);
+              if (has_stats) {
+                const float sv = fused.stats_x.load_float(xrow + d);
+                ss = fmaf(sv, sv, ss);
+              }
+            }
           }
         }
       }
       se = group_sum(se, G);
       ss = group_sum(ss, G);
       if (active) {
-        if (lg == 0) fused.sq_err[n * M + m] = se;
+        if (d_lane == 0) fused.sq_err[n * M + m] = se;
         // Statistics over the valid rows of x (and of stats_x when given): reference.py.
         if (x_valid && (!has_stats || isfinite(ss))) {
-          if (lg == 0) atomicAdd(fused.counts + m * K + k, 1.f);
+          if (d_lane == 0) atomicAdd(fused.counts + m * static_cast<int64_t>(K) + k, 1.f);
           if (has_stats) {
-            for (int64_t d = lg; d < Ds; d += G) atomicAdd(fused.sums + qrow + d, fused.stats_x.load_float(xrow + d));
+            for (int c = d_lane; c < Ds; c += chunk) {
+#pragma unroll
+              for (int e = 0; e < kRowElems; ++e) {
+                const int d = c + e;
+                if (d < Ds) atomicAdd(fused.sums + qrow + d, fused.stats_x.load_float(xrow + d));
+              }
+            }
           }
         }
       }

@@ -28,7 +28,6 @@ namespace equss::cuda::segsum {
 
 constexpr int kThreads = 256;
 constexpr size_t kMaxPrivateBytes = 48 * 1024;  // static shared-memory limit: no opt-in needed
-constexpr int kHeld = 4;                          // elements per lane kept in registers
 
 inline size_t private_bytes(int64_t K, int64_t Ds) {
   return static_cast<size_t>(K) * static_cast<size_t>(Ds) * sizeof(float) + static_cast<size_t>(K) * sizeof(int);
@@ -46,7 +45,22 @@ __device__ __forceinline__ acc_t to_acc(src_t v) {
   }
 }
 
-template <typename src_t, typename acc_t, typename index_t, bool kSkipInvalid, bool kCount, bool kPrivate>
+// Elements [d, d + kRowElems) of a row (zeros past Ds or when !ok); kVec4: one 16-byte load (fp32 rows with
+// Ds % 4 == 0 and a 16-byte aligned base).
+template <bool kVec4, typename acc_t, typename src_t>
+__device__ __forceinline__ void load_elems(acc_t (&v)[kRowElems], const src_t* row, int d, int Ds, bool ok) {
+  if constexpr (kVec4) {
+    static_assert(std::is_same_v<src_t, float> && kRowElems == 4, "float4 rows");
+    float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (ok && d < Ds) q = __ldg(reinterpret_cast<const float4*>(row + d));
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+  } else {
+#pragma unroll
+    for (int e = 0; e < kRowElems; ++e) v[e] = (ok && d + e < Ds) ? to_acc<acc_t>(load_ro(row + d + e)) : acc_t(0);
+  }
+}
+
+template <typename src_t, typename acc_t, typename index_t, bool kSkipInvalid, bool kCount, bool kPrivate, bool kVec4>
 __global__ void __launch_bounds__(kThreads)
     segment_sum_kernel(const src_t* __restrict__ src, const index_t* __restrict__ codes, acc_t* __restrict__ out,
                        float* __restrict__ counts, int64_t N, int M, int K, int Ds, int64_t rows_per_block,
@@ -71,9 +85,12 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
   }
 
+  // Row groups of G lanes, kRowElems consecutive elements per lane (device_utils.cuh): a warp covers
+  // 32 / G rows, e.g. 4 rows of Ds = 32 (one float4 per lane).
   const int G = 1 << group_shift;
   const int group = tid >> group_shift;
-  const int lg = tid & (G - 1);
+  const int d0 = (tid & (G - 1)) * kRowElems;  // this lane's first element of every chunk
+  const int chunk = kRowElems * G;
   const int rows_per_pass = kThreads >> group_shift;
   // Uniform trip count over the block: every lane reaches the shuffles of group_sum.
   for (int64_t nb = n_begin; nb < n_end; nb += rows_per_pass) {
@@ -82,23 +99,21 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t k = active ? static_cast<int64_t>(codes[n * M + m]) : -1;
     const bool in_range = k >= 0 && k < K;
     const src_t* row = src + (n * M + m) * Ds;
-    // The first kHeld elements of the lane (all of them when Ds <= kHeld·G, e.g. Ds <= 128) are loaded
-    // once and kept in registers; any further ones are loaded again for the add (an L1 hit).
-    acc_t v[kHeld];
-#pragma unroll
-    for (int j = 0; j < kHeld; ++j) {
-      const int d = lg + j * G;
-      v[j] = (in_range && d < Ds) ? to_acc<acc_t>(load_ro(row + d)) : acc_t(0);
-    }
+    // The first chunk (all of the row when Ds <= 4·32) is loaded once and kept in registers; further
+    // chunks are loaded again for the add (L1 hits).
+    acc_t v[kRowElems];
+    load_elems<kVec4>(v, row, d0, Ds, in_range);
     bool keep = in_range;
     if constexpr (kSkipInvalid) {
       float sq = 0.f;
 #pragma unroll
-      for (int j = 0; j < kHeld; ++j) sq = fmaf(v[j], v[j], sq);
+      for (int e = 0; e < kRowElems; ++e) sq = fmaf(v[e], v[e], sq);
       if (in_range) {
-        for (int d = lg + kHeld * G; d < Ds; d += G) {
-          const float e = to_float(load_ro(row + d));
-          sq = fmaf(e, e, sq);
+        for (int c = chunk; c < Ds; c += chunk) {
+          acc_t u[kRowElems];
+          load_elems<kVec4>(u, row, c + d0, Ds, true);
+#pragma unroll
+          for (int e = 0; e < kRowElems; ++e) sq = fmaf(u[e], u[e], sq);
         }
       }
       sq = group_sum(sq, G);
@@ -107,12 +122,18 @@ __global__ void __launch_bounds__(kThreads)
     if (keep) {
       acc_t* o = kPrivate ? reinterpret_cast<acc_t*>(acc_s) + k * Ds : out_m + k * Ds;
 #pragma unroll
-      for (int j = 0; j < kHeld; ++j) {
-        const int d = lg + j * G;
-        if (d < Ds) atomicAdd(o + d, v[j]);
+      for (int e = 0; e < kRowElems; ++e) {
+        if (d0 + e < Ds) atomicAdd(o + d0 + e, v[e]);
       }
-      for (int d = lg + kHeld * G; d < Ds; d += G) atomicAdd(o + d, to_acc<acc_t>(load_ro(row + d)));
-      if (kCount && lg == 0) {
+      for (int c = chunk; c < Ds; c += chunk) {
+        acc_t u[kRowElems];
+        load_elems<kVec4>(u, row, c + d0, Ds, true);
+#pragma unroll
+        for (int e = 0; e < kRowElems; ++e) {
+          if (c + d0 + e < Ds) atomicAdd(o + c + d0 + e, u[e]);
+        }
+      }
+      if (kCount && d0 == 0) {
         if constexpr (kPrivate) {
           atomicAdd(cnt_s + k, 1);
         } else {
@@ -163,20 +184,31 @@ void launch(const src_t* src, const index_t* codes, acc_t* out, float* counts, i
   chunks = chunks < 1 ? 1 : (chunks > 65535 ? 65535 : chunks);
   const int64_t rows_per_block = (N + chunks - 1) / chunks;
   const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>(chunks));
-  int shift = 0;
-  while ((1 << shift) < row_group_width(Ds)) ++shift;
+  const int shift = row_group_shift(Ds);
+  // float4 loads for fp32 rows of whole float4s at a 16-byte aligned base.
+  const bool vec4 = std::is_same_v<src_t, float> && Ds % 4 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+  auto go = [&](auto private_tag, auto vec_tag) {
+    constexpr bool kP = decltype(private_tag)::value;
+    constexpr bool kV = decltype(vec_tag)::value;
+    segment_sum_kernel<src_t, acc_t, index_t, kSkipInvalid, kCount, kP, kV>
+        <<<grid, kThreads, kP ? private_bytes(K, Ds) : 0, stream>>>(src, codes, out, counts, N, static_cast<int>(M),
+                                                                   static_cast<int>(K), static_cast<int>(Ds),
+                                                                   rows_per_block, shift);
+  };
+  using T = std::true_type;
+  using F = std::false_type;
   if constexpr (std::is_same_v<acc_t, float>) {
     if (use_private) {
-      segment_sum_kernel<src_t, float, index_t, kSkipInvalid, kCount, true>
-          <<<grid, kThreads, private_bytes(K, Ds), stream>>>(src, codes, out, counts, N, static_cast<int>(M),
-                                                             static_cast<int>(K), static_cast<int>(Ds),
-                                                             rows_per_block, shift);
-      return;
+      if constexpr (std::is_same_v<src_t, float>) {
+        if (vec4) return go(T{}, T{});
+      }
+      return go(T{}, F{});
     }
   }
-  segment_sum_kernel<src_t, acc_t, index_t, kSkipInvalid, kCount, false>
-      <<<grid, kThreads, 0, stream>>>(src, codes, out, counts, N, static_cast<int>(M), static_cast<int>(K),
-                                      static_cast<int>(Ds), rows_per_block, shift);
+  if constexpr (std::is_same_v<src_t, float>) {
+    if (vec4) return go(F{}, T{});
+  }
+  go(F{}, F{});
 }
 
 }  // namespace equss::cuda::segsum
