@@ -428,10 +428,18 @@ __global__ void __launch_bounds__(kThreads, kPipelined ? 2 : 1)
           if (d_lane == 0) atomicAdd(fused.counts + m * static_cast<int64_t>(K) + k, 1.f);
           if (has_stats) {
             for (int c = d_lane; c < Ds; c += chunk) {
+              float sv[kRowElems];
+#pragma unroll
+              for (int e = 0; e < kRowElems; ++e) sv[e] = c + e < Ds ? fused.stats_x.load_float(xrow + c + e) : 0.f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+              if ((Ds & 3) == 0) {  // sums + qrow + c is 16-byte aligned: one vector atomic (RED.F32x4)
+                atomicAdd(reinterpret_cast<float4*>(fused.sums + qrow + c), make_float4(sv[0], sv[1], sv[2], sv[3]));
+                continue;
+              }
+#endif
 #pragma unroll
               for (int e = 0; e < kRowElems; ++e) {
-                const int d = c + e;
-                if (d < Ds) atomicAdd(fused.sums + qrow + d, fused.stats_x.load_float(xrow + d));
+                if (c + e < Ds) atomicAdd(fused.sums + qrow + c + e, sv[e]);
               }
             }
           }

@@ -9,7 +9,8 @@
 // kPrivate: the block accumulates into a shared-memory copy of out[m] ([K][Ds] fp32, + K int counts),
 // zeroed at the start and flushed with one global atomic per non-zero element at the end (vector
 // float4 atomics on sm_90); used when K·Ds·4 + K·4 fits in 48 KiB. Otherwise, and for float64 gradients
-// (fp64 accumulation), every element goes straight to a global atomic.
+// (fp64 accumulation), every element goes straight to a global atomic (float4 atomics on sm_90 when
+// Ds % 4 == 0).
 //
 // A code outside [0, K) contributes nothing; with kSkipInvalid (the statistics) neither does a row whose
 // fp32 squared norm is not finite (equss/ops/reference.py), tested in-kernel from the same loads. Sums
@@ -57,6 +58,24 @@ __device__ __forceinline__ void load_elems(acc_t (&v)[kRowElems], const src_t* r
   } else {
 #pragma unroll
     for (int e = 0; e < kRowElems; ++e) v[e] = (ok && d + e < Ds) ? to_acc<acc_t>(load_ro(row + d + e)) : acc_t(0);
+  }
+}
+
+// o[d + e] += v[e] for the elements inside the row. Into global fp32 memory on sm_90 with Ds % 4 == 0 (then
+// o + d is 16-byte aligned: a fresh output, offsets in whole float4s): one vector atomic (RED.F32x4).
+template <bool kGlobal, typename acc_t>
+__device__ __forceinline__ void add_elems(acc_t* o, int d, int Ds, const acc_t (&v)[kRowElems]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (kGlobal && std::is_same_v<acc_t, float> && kRowElems == 4) {
+    if ((Ds & 3) == 0) {
+      if (d < Ds) atomicAdd(reinterpret_cast<float4*>(o + d), make_float4(v[0], v[1], v[2], v[3]));
+      return;
+    }
+  }
+#endif
+#pragma unroll
+  for (int e = 0; e < kRowElems; ++e) {
+    if (d + e < Ds) atomicAdd(o + d + e, v[e]);
   }
 }
 
@@ -121,17 +140,11 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (keep) {
       acc_t* o = kPrivate ? reinterpret_cast<acc_t*>(acc_s) + k * Ds : out_m + k * Ds;
-#pragma unroll
-      for (int e = 0; e < kRowElems; ++e) {
-        if (d0 + e < Ds) atomicAdd(o + d0 + e, v[e]);
-      }
+      add_elems<!kPrivate>(o, d0, Ds, v);
       for (int c = chunk; c < Ds; c += chunk) {
         acc_t u[kRowElems];
         load_elems<kVec4>(u, row, c + d0, Ds, true);
-#pragma unroll
-        for (int e = 0; e < kRowElems; ++e) {
-          if (c + d0 + e < Ds) atomicAdd(o + c + d0 + e, u[e]);
-        }
+        add_elems<!kPrivate>(o, c + d0, Ds, u);
       }
       if (kCount && d0 == 0) {
         if constexpr (kPrivate) {
