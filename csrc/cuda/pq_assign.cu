@@ -4,6 +4,15 @@
 // bias = ||c||² or 0, +inf for invalid and padding codewords), then the register-blocked tile kernel
 // (8 rows × 8 codewords of fp32 FMA chains per thread, operands from shared memory with LDS.128) finds
 // the first minimum of every row. Design, tie and NaN rules: cuda/pq_assign_tile.cuh.
+//
+// Why fp32 FMA and not tensor cores: mma.sync tf32 runs at several times the FFMA rate, but its 10-bit
+// products move distances by ~2^-11·Σ|x_d c_d|, so near-ties (and bit-identical codewords: ties must go to
+// the lowest index) could resolve differently from the fp32 chain. An exact tf32 path needs a rigorous
+// per-(row, codeword) error bound and an fp32 recheck of every codeword within twice that bound of the
+// tf32 minimum: a variable-length candidate list per row (all K of them for the all-equal rows the tests
+// use), and 3xTF32 split products narrow the bound without making the result bit-identical. Without a GPU
+// to validate such a path, this op stays exact: the FFMA tile kernel, predicted at ~65-70 % of the FP32
+// FMA peak at the EQUSS shape (the Triton backend is the primary CUDA path anyway).
 #include "checks.h"
 #include "cuda/launch.cuh"
 #include "cuda/pq_assign_host.cuh"

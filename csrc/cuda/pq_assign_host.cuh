@@ -19,6 +19,8 @@ inline void check_assign_sizes(const char* op, int64_t N, int64_t M, int64_t K, 
   TORCH_CHECK(M <= kMax && Ds <= kMax - assign::kDStep, op, ": M=", M, " or Ds=", Ds, " exceeds 2^31 - 1");
   TORCH_CHECK((N + assign::kBM - 1) / assign::kBM * M <= kMax, op, ": N=", N, " × M=", M,
               " needs more than 2^31 - 1 CUDA blocks of ", assign::kBM, " rows");
+  TORCH_CHECK(assign::num_k_tiles(K) * assign::num_d_chunks(Ds) <= kMax, op, ": K=", K, " × Ds=", Ds,
+              " needs more than 2^31 - 1 pipeline stages");
 }
 
 // codebooks [M, K, Ds] (any float dtype) -> w [M, n_kt, Dp, 128] and bias [M, n_kt·128] (fp32, on the current

@@ -2,30 +2,37 @@
 //
 // For one subspace m the distance of row x to codeword k is one chain of fp32 FMAs
 //     D[k] = bias[k] + sum_{d ascending} x[d] · W[d][k],
-// with W = -2·c, bias = ||c||² (l2; ||x||² is added to the minimum afterwards) or W = -c, bias = 0 (dot).
-// Scaling by -2 / -1 is exact, so bit-identical codewords give bit-identical distances, and the running
-// minimum with a strict `<` over increasing k keeps the lowest index (equss/ops/reference.py).
+// with W = -2·c, bias = ||c||² (l2; ||x||² is added to the minimum afterwards) or W = -c, bias = 0 (dot):
+// the formulation of the CPU kernel and of the "ext" error bound in tests/helpers.py. Scaling by -2 / -1
+// is exact, so bit-identical codewords give bit-identical distances, and a strict `<` over increasing k
+// keeps the lowest index (equss/ops/reference.py). Plain fp32 FMA, no tensor cores: exact ties and the
+// lowest-index rule need every distance of one codeword computed the same way (see the note in
+// pq_assign.cu).
 //
 // 1. pack_codebooks_kernel (once per call, M·K·Ds elements): codebooks of any float dtype -> fp32
-//    W[m][k-tile][Dp][kBN] (Dp = Ds rounded up to kDStep, zero rows below it) and bias[m][Kp]. ||c||² is
+//    W[m][k-tile][Dp][kBN] (Dp = Ds rounded up to kDStep, rows Ds..Dp zero) and bias[m][Kp]. ||c||² is
 //    computed once per codeword, in fp32 from the fp32-rounded values; an invalid codeword (non-finite
 //    ||c||²) and the padding codewords k >= K get W = 0 and bias = +inf, so they never win a strict `<`
 //    (inf + finite = inf, inf + NaN = NaN).
-// 2. assign_tile_kernel: a block owns kBM = 128 rows of one subspace and walks all k-tiles of kBN = 128
-//    codewords. Its 256 threads form a 16 × 16 grid; thread (tr, tc) keeps an 8 × 8 block of accumulators
-//    (rows tr·4 + {0..3, 64..67}, codewords tc·4 + {0..3, 64..67}, so each quarter-warp reads 16
-//    consecutive bytes per thread: no bank conflicts) and per d step loads 8 x values and 8 W values with
-//    four LDS.128 for 64 FFMA. The x tile is transposed into shared memory [d][row] (fp32, converted from
-//    any dtype on load) and stays there for all k-tiles when Ds <= kBK; the W tile [d][codeword] streams
-//    through a double buffer with cp.async (sm_80+), one stage = one k-tile × kBK dims.
-//    After each k-tile a thread folds its 64 distances into 8 running minima (codewords in increasing
-//    order per thread); at the end the 16 threads of a row (one half-warp) combine their (value, index)
-//    pairs: smaller value, then lower index. A thread that never took a value holds (+inf, 0), so a row
-//    with no finite distance gets code 0.
+// 2. assign_tile_kernel: a block owns kBM = 128 rows of one subspace (blockIdx.x = row_tile·M + m) and
+//    walks all k-tiles of kBN = 128 codewords. Its 256 threads form a 16 × 16 grid; thread (tr, tc) keeps
+//    an 8 × 8 block of accumulators (rows tr·4 + {0..3, 64..67}, codewords tc·4 + {0..3, 64..67}: each
+//    quarter-warp reads 16 consecutive bytes per thread, no bank conflicts) and per d step loads 8 x and
+//    8 W values with four LDS.128 for 64 FFMA. The d loop is rolled (8 steps per iteration) and
+//    software-pipelined: the operands of step d + 1 load while step d computes, which bounds the live
+//    registers at 64 accumulators + 2 × 16 operands (no spills under the 128-register budget of two
+//    blocks per SM). The x tile is transposed into shared memory [d][row] (fp32, converted from any dtype
+//    on load) and stays there for all k-tiles when Ds <= kBK; the W tile [d][codeword] streams through a
+//    double buffer with cp.async (sm_80+), one stage = one k-tile × kBK dims.
+//    After each k-tile a thread folds its 64 distances into 8 running minima (its codewords in increasing
+//    order), kept in shared memory between k-tiles; at the end the 16 threads of a row (one half-warp)
+//    combine their (value, index) pairs: smaller value, then lower index. A thread that never took a
+//    value holds (+inf, 0), so a row with no finite distance gets code 0.
 // Invalid rows (non-finite fp32 ||x||², summed from the same fp32 tile) get code 0 and min_dist NaN.
 // With kFused, the epilogue also gathers quantized = codebooks_out[m, code] (bit copy), sq_err =
-// Σ (x − quantized)² (fp32) and adds the statistics (counts, sums of stats_x) with global atomics, so x is
-// read from memory once (from the shared tile when Ds <= kBK, else again from L2).
+// Σ (x − quantized)² (fp32) and adds the statistics (counts, sums of stats_x) with global atomics (float4
+// atomics on sm_90), so x is read from memory once (from the shared tile when Ds <= kBK, else again from
+// L2).
 #pragma once
 
 #include "cuda/device_utils.cuh"
@@ -42,10 +49,7 @@ constexpr int kBM = 128;               // rows per block
 constexpr int kBN = 128;               // codewords per k-tile
 constexpr int kBK = 32;                // dims per pipeline stage
 constexpr int kDStep = 8;              // Ds padded to a multiple of this
-#ifndef EQUSS_UNROLL
-#define EQUSS_UNROLL 8
-#endif
-constexpr int kUnroll = EQUSS_UNROLL;  // d steps per iteration of the rolled, software-pipelined d loop
+constexpr int kUnroll = 8;             // d steps per iteration of the rolled, software-pipelined d loop
 constexpr int kXStride = kBM + 4;      // transposed x tile row: 16-byte aligned, conflict-free stores
 constexpr int kXTile = kBK * kXStride;  // floats per x buffer
 constexpr int kWTile = kBK * kBN;       // floats per W buffer
@@ -58,8 +62,8 @@ inline int64_t num_d_chunks(int64_t Ds) { return (padded_ds(Ds) + kBK - 1) / kBK
 
 // Dynamic shared memory of assign_tile_kernel: x buffers (one when Ds fits one stage), W and bias buffers
 // (two when pipelined), the running minima (8 values + 8 indices per thread), ||x||² and the codes of the
-// block's rows. Pipelined, Ds <= 32: 67.5 KiB, two blocks per SM on A100 and H100. Without the pipeline
-// (GPUs whose opt-in limit is below that, e.g. 64 KiB on sm_75): 50.5 KiB.
+// block's rows. Pipelined, Ds <= 32: 66.5 KiB (83 KiB above), two blocks per SM on A100 and H100. Without
+// the pipeline (GPUs whose opt-in limit is below that, e.g. 64 KiB on sm_75): 50 KiB.
 inline size_t tile_smem_bytes(int64_t Ds, bool pipelined) {
   const int64_t x_buffers = num_d_chunks(Ds) > 1 && pipelined ? 2 : 1;
   const int64_t w_buffers = pipelined ? 2 : 1;

@@ -79,8 +79,10 @@ __device__ __forceinline__ void add_elems(acc_t* o, int d, int Ds, const acc_t (
   }
 }
 
+// At least 4 blocks per SM (<= 64 registers): with the thread count alone ptxas aims at 32 registers and
+// spills in the half/bf16 variants.
 template <typename src_t, typename acc_t, typename index_t, bool kSkipInvalid, bool kCount, bool kPrivate, bool kVec4>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
     segment_sum_kernel(const src_t* __restrict__ src, const index_t* __restrict__ codes, acc_t* __restrict__ out,
                        float* __restrict__ counts, int64_t N, int M, int K, int Ds, int64_t rows_per_block,
                        int group_shift) {
