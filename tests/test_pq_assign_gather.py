@@ -26,8 +26,9 @@ from helpers import (
 import equss
 from equss.ops import reference as ref
 
-# N = 1; N not a multiple of 64 with K > 64; Ds > 32 (the Ds loop); prime N with K, Ds odd.
-FUSED_SHAPES = [(1, 2, 3, 5), (131, 3, 100, 7), (67, 2, 37, 45)]
+# N = 1; N not a multiple of 64 with K > 64; Ds > 32 (the Ds loop); prime N with K, Ds odd; the EQUSS Ds = 32
+# with K > 128 (two CUDA codeword tiles; whole float4 rows for the CUDA epilogue's vector atomics).
+FUSED_SHAPES = [(1, 2, 3, 5), (131, 3, 100, 7), (67, 2, 37, 45), (97, 2, 150, 32)]
 # "dot" (how EQUSS assigns) on every shape, "l2" on one: the metric only changes the assignment, whose
 # contract test_pq_assign.py covers on every shape.
 FUSED_CASES = [(shape, "dot") for shape in FUSED_SHAPES] + [((131, 3, 100, 7), "l2")]

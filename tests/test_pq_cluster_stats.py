@@ -95,6 +95,18 @@ def test_out_of_range_codes_are_excluded(backend, code_dtype):
     assert counts.sum() == N * M - len(far)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, Triton interpreter
+def test_large_codebook(backend):
+    """K·Ds too large for a per-block copy of the sums (the CUDA kernel then adds straight into global
+    memory: K·Ds·4 = 51 kB > 48 kB), with skewed codes and an invalid row."""
+    N, M, K, Ds = 96, 2, 1600, 8
+    x = torch.randn(N, M, Ds, generator=gen(36))
+    codes = (torch.randint(0, K, (N, M), generator=gen(37)) % 40) * 37  # 40 codewords spread over [0, K)
+    x[5, 1, 2] = float("nan")
+    counts, sums = equss.pq_cluster_stats(backend.to(x), backend.to(codes), K)
+    _check(backend, x, codes, K, counts, sums, valid_vectors(x))
+
+
 def test_empty_n(backend):
     counts, sums = equss.pq_cluster_stats(
         backend.to(torch.randn(0, 2, 3)), backend.to(torch.zeros(0, 2, dtype=torch.long)), 4

@@ -65,6 +65,21 @@ def test_forward_copies_every_bit(backend, dtype):
     assert torch.equal(out.view(itype), _expected(codes, cb.view(itype)))
 
 
+@pytest.mark.parametrize("dtype", ALL_FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("Ds", [8, 32], ids=lambda d: f"Ds{d}")
+def test_forward_bit_exact_vector_rows(backend, Ds, dtype):
+    """Rows whose bytes are a multiple of 16 (copied in 16-byte units on CUDA), and the same codebooks
+    at an odd element offset (a contiguous view whose rows are then only element-aligned)."""
+    N, M, K = 40, 3, 9
+    flat = torch.randn(M * K * Ds + 1, generator=gen(36)).to(dtype)
+    codes = torch.randint(0, K, (N, M), generator=gen(37), dtype=torch.int32)
+    flat_dev = backend.to(flat)
+    for offset in (0, 1):
+        cb = flat[offset : offset + M * K * Ds].view(M, K, Ds)
+        out = equss.pq_gather(backend.to(codes), flat_dev[offset : offset + M * K * Ds].view(M, K, Ds))
+        assert torch.equal(out.cpu(), _expected(codes, cb)), offset
+
+
 def test_non_contiguous(backend):
     cb = backend.to(torch.randn(6, 4, 3, generator=gen(28))).permute(1, 0, 2)  # [M=4, K=6, Ds=3] view
     codes = backend.to(torch.randint(0, 6, (4, 19), generator=gen(29))).t()
@@ -162,6 +177,15 @@ def test_backward_matches_float64(backend, shape, dtype):
     assert_segment_sum(got, grad, codes, K, extra_ulps=SEGMENT_EXTRA_ULPS[backend.name])
     if backend.deterministic:  # the autograd path runs the same op, then casts once to the codebook dtype
         assert torch.equal(cb.grad.cpu(), got.cpu().to(dtype))
+
+
+def test_backward_large_codebook(backend):
+    """K·Ds too large for a per-block copy of the gradient (CUDA then adds straight into global memory)."""
+    N, M, K, Ds = 96, 2, 1600, 8
+    codes = (torch.randint(0, K, (N, M), generator=gen(38)) % 40) * 37
+    grad = torch.randn(N, M, Ds, generator=gen(39))
+    got = torch.ops.equss.pq_gather_backward(backend.to(grad), backend.to(codes), K)
+    assert_segment_sum(got, grad, codes, K, extra_ulps=SEGMENT_EXTRA_ULPS[backend.name])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -1,5 +1,7 @@
-// pq_cluster_stats on CUDA: counts [M, K] and sums [M, K, Ds] (fp32) of the rows assigned to each codeword,
-// by fp32 atomics; see pq_segment_sum.cuh.
+// pq_cluster_stats on CUDA: counts [M, K] and sums [M, K, Ds] (fp32) of the rows assigned to each codeword.
+// One kernel: each block accumulates its rows of one subspace in a shared-memory copy of counts[m] and
+// sums[m] (global atomics when K·Ds does not fit) and skips invalid rows (non-finite fp32 ||x||², tested
+// from the same loads) and codes outside [0, K) in-kernel. See pq_segment_sum.cuh.
 #include "checks.h"
 #include "cuda/launch.cuh"
 #include "cuda/pq_segment_sum.cuh"
@@ -10,6 +12,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <limits>
+
 namespace equss::cuda {
 
 std::tuple<at::Tensor, at::Tensor> pq_cluster_stats(const at::Tensor& x, const at::Tensor& codes, int64_t K) {
@@ -19,21 +23,20 @@ std::tuple<at::Tensor, at::Tensor> pq_cluster_stats(const at::Tensor& x, const a
   check_cuda_tensors(op, {&x, &codes});
   TORCH_CHECK(K >= 1, op, ": K must be >= 1, got ", K);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const int64_t M = x.size(1), Ds = x.size(2);
+  const int64_t N = x.size(0), M = x.size(1), Ds = x.size(2);
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(M <= kMax && K <= kMax && Ds <= kMax, op, ": M=", M, ", K=", K, " and Ds=", Ds, " must be < 2^31");
   auto counts = at::zeros({M, K}, x.options().dtype(at::kFloat));
   auto sums = at::zeros({M, K, Ds}, x.options().dtype(at::kFloat));
-  const int64_t total = x.numel();
-  if (total == 0) return {counts, sums};
+  if (x.numel() == 0) return {counts, sums};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // Invalid rows (non-finite fp32 squared norm) enter no count or sum: their code becomes -1.
-  const at::Tensor valid = at::isfinite(x.to(at::kFloat).square().sum(-1));
-  const at::Tensor kept = at::where(valid, codes, at::full({}, -1, codes.options())).contiguous();
+  const int64_t blocks = 8 * static_cast<int64_t>(num_sms());
   AT_DISPATCH_INDEX_TYPES(codes.scalar_type(), "equss_pq_cluster_stats_cuda", [&] {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "equss_pq_cluster_stats_cuda", [&] {
       // Each element is converted to fp32 before it is added, like x.float() in the reference.
-      segment_sum_by_code_kernel<scalar_t, float, index_t><<<grid_stride_blocks(total), kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), kept.const_data_ptr<index_t>(), sums.mutable_data_ptr<float>(),
-          counts.mutable_data_ptr<float>(), total, M, K, Ds);
+      segsum::launch<storage_t<scalar_t>, float, index_t, true, true>(
+          storage_ptr<scalar_t>(x), codes.const_data_ptr<index_t>(), sums.mutable_data_ptr<float>(),
+          counts.mutable_data_ptr<float>(), N, M, K, Ds, blocks, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

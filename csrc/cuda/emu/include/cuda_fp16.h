@@ -1,0 +1,3 @@
+// CPU emulation stand-in for the CUDA header of the same name (see ../README.md).
+#pragma once
+#include "emu.h"
