@@ -3,10 +3,11 @@
 The op contracts are tested on every backend, ext included, in ``tests/test_pq_*.py``. This file covers
 what only the extension has: that a built library actually loads (no silent fallback to the reference),
 that it registers the devices it claims, both CPU kernels (AVX2/FMA and the portable one, picked with
-``EQUSS_CPU_KERNEL``) on shapes that straddle their tiles (6-row micro-tiles, 16-codeword tiles,
-192-row chunks, L1-sized K-blocks), the EQUSS tile shape, exact ties across lanes/tiles/blocks and
-NaN/inf rows per kernel, thread-count independence and determinism, and the argument checks of the C++
-ops themselves.
+``EQUSS_CPU_KERNEL``) on shapes that straddle their tiles (24-row micro-tiles of 3 × 8 lanes, 4-codeword
+tiles, 192-row chunks, K-blocks of 128 codeword tiles), the EQUSS tile shape, exact ties across
+lanes/tiles/blocks and NaN/inf rows per kernel, the one-pass CPU ``pq_assign_gather`` against the
+separate ops (bit for bit: same assignment kernel, sums in row order), thread-count independence and
+determinism, and the argument checks of the C++ ops themselves.
 
 Ops are called as ``torch.ops.equss_C.*`` so the extension is tested directly, on the inputs it is
 contracted to receive (contiguous, one float dtype).
@@ -36,9 +37,9 @@ from equss.ops import reference as ref
 EXT = backends.info("ext")
 needs_ext = pytest.mark.skipif(not EXT.loaded, reason=f"ext backend not loaded: {EXT.detail}")
 
-# N: 1, a prime below one 6-row micro-tile multiple, a prime above one 192-row chunk.
-# K: 1, 3 and 17 (partial 16-codeword tiles), 257 (17 tiles: 3 L1 K-blocks when Ds = 33).
-# Ds: 1, 5 and 33 (not multiples of any vector width).
+# N: 1, a prime inside the first 24-row micro-tile, a prime above one 192-row chunk.
+# K: 1, 3 and 17 (partial 4-codeword tiles), 257 (65 tiles, the last one partial).
+# Ds: 1, 5 and 33 (not multiples of any vector width or of the 4-step unrolling).
 ASSIGN_SHAPES = [(N, 2, K, Ds) for N, K, Ds in itertools.product([1, 13, 197], [1, 3, 17, 257], [1, 5, 33])]
 
 
@@ -136,7 +137,8 @@ def test_kernel_assign_is_optimal_on_tile_straddling_shapes(kernel, shape, dtype
 
 
 def test_kernel_equss_tile_shape_gives_exact_codes(kernel):
-    """The EQUSS tile shape (Ds = 32, K = 256: two L1 K-blocks) on well-separated data: exact codes."""
+    """The EQUSS tile shape (Ds = 32, K = 256: 64 codeword tiles, one K-block) on well-separated data: exact
+    codes."""
     device, name = kernel
     N, M, K, Ds = 389, 3, 256, 32
     g = gen(3)
@@ -155,8 +157,9 @@ def test_kernel_equss_tile_shape_gives_exact_codes(kernel):
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("copies", TIE_COPIES, ids=TIE_IDS)
 def test_kernel_exact_ties_pick_lowest_index(kernel, copies, metric):
-    """Bit-identical codewords at indices that fall in different lanes, vectors, tiles and K-blocks
-    (K = 257, Ds = 33: 16-codeword tiles, 7 tiles per L1 block): the lowest index must win."""
+    """Bit-identical codewords at indices that fall in different positions of the 4-codeword tiles and in
+    different tiles (K = 257, Ds = 33; ties across K-blocks: test_kernel_several_k_blocks): the lowest
+    index must win."""
     device, name = kernel
     x, cb = tied_data(copies)
     codes, _ = _ops().pq_assign(x.to(device), cb.to(device), metric)
@@ -201,6 +204,85 @@ def test_kernel_nan_inf_rows(kernel, dtype):
         clean_codes, clean_dist = _ops().pq_assign(clean.to(device), cb.to(device), metric)
         assert torch.equal(codes[~bad], clean_codes.cpu()[~bad]), label
         assert torch.equal(min_dist[~bad], clean_dist.cpu()[~bad]), label
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_kernel_several_k_blocks(kernel, metric):
+    """K = 1031 is 258 codeword tiles, three K-blocks of the AVX2 kernel (each row resolves its winner at
+    the end of every block): random data is optimal, and exact ties across blocks go to the lowest index."""
+    device, name = kernel
+    if device != "cpu":
+        pytest.skip("the CPU kernel's K-blocks")
+    N, M, K, Ds = 53, 2, 1031, 8
+    x = torch.randn(N, M, Ds, generator=gen(20))
+    cb = torch.randn(M, K, Ds, generator=gen(21))
+    codes, min_dist = _ops().pq_assign(x.to(device), cb.to(device), metric)
+    assert_assign_contract(x, cb, metric, codes, min_dist, f"{name}/{metric}", "ext")
+    for copies in [(3, 520, 1030), (700, 1000), (1030,)]:
+        xt, cbt = tied_data(copies, N=31, M=2, K=K, Ds=Ds)
+        codes, _ = _ops().pq_assign(xt.to(device), cbt.to(device), metric)
+        assert torch.all(codes.cpu() == min(copies)), (name, copies, codes)
+
+
+# (N, M, K, Ds) for the fused op: partial tiles everywhere; 197 rows span two chunks; M = 5 > 2 threads
+# runs one subspace group per item, M = 1 the rows-parallel path with the statistics in a second pass.
+FUSED_EXT_SHAPES = [(197, 3, 37, 9), (61, 5, 17, 33), (130, 1, 300, 4)]
+
+
+def _fused_vs_separate(x, cb, cb_out, metric, stats_x, label):
+    """The one-pass CPU op against pq_assign + pq_gather + pq_cluster_stats of the same library, bit for
+    bit (the assignment kernel is shared; counts and sums are both fp32 sums in row order)."""
+    ops = _ops()
+    codes, min_dist, q, sq_err, counts, sums = ops.pq_assign_gather(x, cb, cb_out, metric, stats_x)
+    plain_codes, plain_dist = ops.pq_assign(x, cb, metric)
+    assert torch.equal(codes, plain_codes), label
+    torch.testing.assert_close(min_dist, plain_dist, rtol=0, atol=0, equal_nan=True, msg=label)
+    assert torch.equal(q, ops.pq_gather(plain_codes, cb_out)), label
+    exact = (x.float() - q.float()).square().sum(-1)
+    torch.testing.assert_close(sq_err, exact, rtol=1e-5, atol=1e-6, equal_nan=True, msg=label)
+    kept = torch.where(torch.isnan(plain_dist), -1, plain_codes)
+    ref_counts, ref_sums = ops.pq_cluster_stats(x if stats_x is None else stats_x, kept, cb.shape[1])
+    assert torch.equal(counts, ref_counts), label
+    assert torch.equal(sums, ref_sums if stats_x is not None else ref_sums[..., :0]), label
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", FUSED_EXT_SHAPES, ids=shape_id)
+def test_kernel_assign_gather_equals_separate_ops(kernel, shape, dtype):
+    device, name = kernel
+    if device != "cpu":
+        pytest.skip("the one-pass CPU op (CUDA sums add with atomics in a varying order)")
+    N, M, K, Ds = shape
+    x = torch.randn(N, M, Ds, generator=gen(30)).to(dtype)
+    cb = torch.randn(M, K, Ds, generator=gen(31)).to(dtype)
+    cb_out = torch.randn(M, K, Ds, generator=gen(32)).to(dtype)
+    stats_x = torch.randn(N, M, Ds, generator=gen(33)) * 3
+    x[5, 0, 1] = float("nan")  # an invalid row of x: code 0, in no count or sum
+    stats_x[7, M - 1] = float("inf")  # an invalid row of stats_x: its code stays, in no count or sum
+    for metric in METRICS:
+        for s in (None, stats_x, stats_x.half()):  # stats_x may have its own dtype
+            _fused_vs_separate(x, cb, cb_out, metric, s, f"{name}/{metric}/{dtype}/{s is None}")
+
+
+@needs_ext
+@pytest.mark.parametrize("M", [1, 2, 7])
+def test_assign_gather_independent_of_thread_count(M):
+    """1 thread (one subspace group per item) and 2 threads (groups, or for M = 1 the rows-parallel path
+    with a second statistics pass): every output bit-identical."""
+    N, K, Ds = 389, 29, 12
+    x = torch.randn(N, M, Ds, generator=gen(34))
+    cb, cb_out = torch.randn(M, K, Ds, generator=gen(35)), torch.randn(M, K, Ds, generator=gen(36))
+    stats_x = torch.randn(N, M, Ds, generator=gen(37)) * 100
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            results.append(_ops().pq_assign_gather(x, cb, cb_out, "l2", stats_x))
+        for a, b in zip(*results):
+            assert torch.equal(a, b), M
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_ext
