@@ -26,31 +26,86 @@
 namespace equss::cpu {
 namespace {
 
-// Σ_d (a[d] - b[d])² and Σ_d v[d]² in fp32, 8 interleaved partial sums (vectorisable).
-float sq_diff(const float* a, const float* b, int64_t Ds) {
-  float part[8] = {};
-  int64_t d = 0;
-  for (; d + 8 <= Ds; d += 8) {
-    for (int j = 0; j < 8; ++j) {
-      const float t = a[d + j] - b[d + j];
-      part[j] += t * t;
+// Per-row helpers, portable and AVX2: Σ_d (a[d] - b[d])² and Σ_d v[d]² in fp32 (any summation order is
+// within the contract's bounds), and acc[d] += v[d] (elementwise, so both versions give the same bits).
+struct RowOpsPortable {
+  static float sq_diff(const float* a, const float* b, int64_t Ds) {
+    float part[8] = {};
+    int64_t d = 0;
+    for (; d + 8 <= Ds; d += 8) {
+      for (int j = 0; j < 8; ++j) {
+        const float t = a[d + j] - b[d + j];
+        part[j] += t * t;
+      }
     }
+    float s = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    for (; d < Ds; ++d) s += (a[d] - b[d]) * (a[d] - b[d]);
+    return s;
   }
-  float s = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-  for (; d < Ds; ++d) s += (a[d] - b[d]) * (a[d] - b[d]);
-  return s;
+  static float sq_norm(const float* v, int64_t Ds) {
+    float part[8] = {};
+    int64_t d = 0;
+    for (; d + 8 <= Ds; d += 8) {
+      for (int j = 0; j < 8; ++j) part[j] += v[d + j] * v[d + j];
+    }
+    float s = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    for (; d < Ds; ++d) s += v[d] * v[d];
+    return s;
+  }
+  static void add_row(float* acc, const float* v, int64_t Ds) {
+    for (int64_t d = 0; d < Ds; ++d) acc[d] += v[d];
+  }
+};
+
+#ifdef EQUSS_X86
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
 }
 
-float sq_norm(const float* v, int64_t Ds) {
-  float part[8] = {};
-  int64_t d = 0;
-  for (; d + 8 <= Ds; d += 8) {
-    for (int j = 0; j < 8; ++j) part[j] += v[d + j] * v[d + j];
+struct RowOpsAvx2 {
+  __attribute__((target("avx2,fma"))) static float sq_diff(const float* a, const float* b, int64_t Ds) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 16 <= Ds; d += 16) {
+      const __m256 t0 = _mm256_sub_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d));
+      const __m256 t1 = _mm256_sub_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8));
+      s0 = _mm256_fmadd_ps(t0, t0, s0);
+      s1 = _mm256_fmadd_ps(t1, t1, s1);
+    }
+    for (; d + 8 <= Ds; d += 8) {
+      const __m256 t = _mm256_sub_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d));
+      s0 = _mm256_fmadd_ps(t, t, s0);
+    }
+    float s = hsum(_mm256_add_ps(s0, s1));
+    for (; d < Ds; ++d) s += (a[d] - b[d]) * (a[d] - b[d]);
+    return s;
   }
-  float s = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-  for (; d < Ds; ++d) s += v[d] * v[d];
-  return s;
-}
+  __attribute__((target("avx2,fma"))) static float sq_norm(const float* v, int64_t Ds) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 16 <= Ds; d += 16) {
+      const __m256 t0 = _mm256_loadu_ps(v + d), t1 = _mm256_loadu_ps(v + d + 8);
+      s0 = _mm256_fmadd_ps(t0, t0, s0);
+      s1 = _mm256_fmadd_ps(t1, t1, s1);
+    }
+    for (; d + 8 <= Ds; d += 8) {
+      const __m256 t = _mm256_loadu_ps(v + d);
+      s0 = _mm256_fmadd_ps(t, t, s0);
+    }
+    float s = hsum(_mm256_add_ps(s0, s1));
+    for (; d < Ds; ++d) s += v[d] * v[d];
+    return s;
+  }
+  __attribute__((target("avx2,fma"))) static void add_row(float* acc, const float* v, int64_t Ds) {
+    int64_t d = 0;
+    for (; d + 8 <= Ds; d += 8) _mm256_storeu_ps(acc + d, _mm256_add_ps(_mm256_loadu_ps(acc + d), _mm256_loadu_ps(v + d)));
+    for (; d < Ds; ++d) acc[d] += v[d];
+  }
+};
+#endif
 
 // One row (Ds elements at element offset `offset`) of a float tensor of any dtype as fp32: the row itself
 // for fp32, else converted into buf.
@@ -120,7 +175,8 @@ void fused_impl(const scalar_t* x, const scalar_t* cb, const Inputs& in, int64_t
 
   // Assigns rows [n0, n0 + rows) × subspaces [m0, m0 + S) and writes everything but the sums; the
   // statistics of each row go to `stat(s, row, code, stats_row)` when it is kept.
-  auto process_chunk = [&](Worker& wk, int64_t n0, int64_t rows, int64_t m0, int64_t S, auto&& stat) {
+  auto process_chunk = [&](auto ops, Worker& wk, int64_t n0, int64_t rows, int64_t m0, int64_t S, auto&& stat) {
+    using Ops = decltype(ops);
     assign::Workspace& ws = wk.ws;
     const int64_t rows_padded = (rows + assign::kTileRows - 1) / assign::kTileRows * assign::kTileRows;
     const auto [xf, stride] = assign::load_chunk(x, M, Ds, n0, rows, m0, S, kernel, ws);
@@ -136,12 +192,12 @@ void fused_impl(const scalar_t* x, const scalar_t* cb, const Inputs& in, int64_t
         out.min_dist[o] = md;
         const int64_t c = m * K + code;
         std::memcpy(out.quantized + o * in.row_bytes, in.cb_out + c * in.row_bytes, in.row_bytes);
-        out.sq_err[o] = sq_diff(xf + r * stride + s * Ds, in.cb_out_f32 + c * Ds, Ds);
+        out.sq_err[o] = Ops::sq_diff(xf + r * stride + s * Ds, in.cb_out_f32 + c * Ds, Ds);
         if (std::isnan(md)) continue;  // an invalid row of x: in no count or sum
         const float* srow = nullptr;
         if (with_stats) {
           srow = in.stats_row(in.stats, o * Ds, Ds, wk.row_buf.data());
-          if (!std::isfinite(sq_norm(srow, Ds))) continue;  // an invalid row of stats_x
+          if (!std::isfinite(Ops::sq_norm(srow, Ds))) continue;  // an invalid row of stats_x
         }
         stat(s, o, code, srow);
       }
@@ -159,61 +215,70 @@ void fused_impl(const scalar_t* x, const scalar_t* cb, const Inputs& in, int64_t
     return wk;
   };
 
-  if (by_subspace) {
-    assign::for_each_item(n_groups, threads, [&](int64_t item, int64_t worker) {
+  // The passes, with the per-row helpers of the kernel's instruction set.
+  auto run = [&](auto ops) {
+    using Ops = decltype(ops);
+    if (by_subspace) {
+      assign::for_each_item(n_groups, threads, [&](int64_t item, int64_t worker) {
+        Worker& wk = ready(worker);
+        const int64_t m0 = item * group;
+        const int64_t S = std::min(group, M - m0);
+        wk.hist.assign(static_cast<size_t>(S * K), 0);
+        for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+          const int64_t n0 = chunk * chunk_rows;
+          process_chunk(ops, wk, n0, std::min(chunk_rows, N - n0), m0, S,
+                        [&](int64_t s, int64_t, int32_t code, const float* srow) {
+                          ++wk.hist[static_cast<size_t>(s * K + code)];
+                          if (srow != nullptr) Ops::add_row(out.sums + ((m0 + s) * K + code) * Ds, srow, Ds);
+                        });
+        }
+        // Integer counts converted once: exact below 2^24, like bincount(...).float() in the reference.
+        for (int64_t i = 0; i < S * K; ++i) out.counts[m0 * K + i] = static_cast<float>(wk.hist[static_cast<size_t>(i)]);
+      });
+      return;
+    }
+
+    // Fewer subspaces than threads: rows-parallel pass, then the statistics per (subspace, Ds slice).
+    assign::for_each_item(n_chunks, threads, [&](int64_t chunk, int64_t worker) {
       Worker& wk = ready(worker);
-      const int64_t m0 = item * group;
-      const int64_t S = std::min(group, M - m0);
-      wk.hist.assign(static_cast<size_t>(S * K), 0);
-      for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
-        const int64_t n0 = chunk * chunk_rows;
-        process_chunk(wk, n0, std::min(chunk_rows, N - n0), m0, S,
-                      [&](int64_t s, int64_t, int32_t code, const float* srow) {
-                        ++wk.hist[static_cast<size_t>(s * K + code)];
-                        if (srow == nullptr) return;
-                        float* acc = out.sums + ((m0 + s) * K + code) * Ds;
-                        for (int64_t d = 0; d < Ds; ++d) acc[d] += srow[d];
-                      });
-      }
-      // Integer counts converted once: exact below 2^24, like bincount(...).float() in the reference.
-      for (int64_t i = 0; i < S * K; ++i) out.counts[m0 * K + i] = static_cast<float>(wk.hist[static_cast<size_t>(i)]);
+      const int64_t n0 = chunk * chunk_rows;
+      const int64_t rows = std::min(chunk_rows, N - n0);
+      process_chunk(ops, wk, n0, rows, 0, M, [&](int64_t, int64_t o, int32_t, const float*) { keep[o] = 1; });
     });
+    const int64_t slices = with_stats ? std::min<int64_t>(Ds, (threads_wanted + M - 1) / M) : 1;
+    const int64_t slice_len = (Ds + slices - 1) / slices;
+    at::parallel_for(0, M * slices, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> hist;
+      std::vector<float> buf(static_cast<size_t>(Ds));
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t m = item / slices;
+        const int64_t d0 = (item % slices) * slice_len;
+        const int64_t d1 = std::min(Ds, d0 + slice_len);
+        const bool count_here = d0 == 0;
+        if (count_here) hist.assign(static_cast<size_t>(K), 0);
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t o = n * M + m;
+          if (!keep[o]) continue;
+          const int32_t code = out.codes[o];
+          if (count_here) ++hist[static_cast<size_t>(code)];
+          if (!with_stats || d0 >= d1) continue;
+          const float* srow = in.stats_row(in.stats, o * Ds, Ds, buf.data());
+          float* acc = out.sums + (m * K + code) * Ds;
+          for (int64_t d = d0; d < d1; ++d) acc[d] += srow[d];
+        }
+        if (count_here) {
+          for (int64_t k = 0; k < K; ++k) out.counts[m * K + k] = static_cast<float>(hist[static_cast<size_t>(k)]);
+        }
+      }
+    });
+  };
+#ifdef EQUSS_X86
+  if (kernel == assign::Kernel::kAvx2) {
+    run(RowOpsAvx2{});
     return;
   }
-
-  // Fewer subspaces than threads: rows-parallel pass, then the statistics per (subspace, Ds slice).
-  assign::for_each_item(n_chunks, threads, [&](int64_t chunk, int64_t worker) {
-    Worker& wk = ready(worker);
-    const int64_t n0 = chunk * chunk_rows;
-    const int64_t rows = std::min(chunk_rows, N - n0);
-    process_chunk(wk, n0, rows, 0, M, [&](int64_t, int64_t o, int32_t, const float*) { keep[o] = 1; });
-  });
-  const int64_t slices = with_stats ? std::min<int64_t>(Ds, (threads_wanted + M - 1) / M) : 1;
-  const int64_t slice_len = (Ds + slices - 1) / slices;
-  at::parallel_for(0, M * slices, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> hist;
-    std::vector<float> buf(static_cast<size_t>(Ds));
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t m = item / slices;
-      const int64_t d0 = (item % slices) * slice_len;
-      const int64_t d1 = std::min(Ds, d0 + slice_len);
-      const bool count_here = d0 == 0;
-      if (count_here) hist.assign(static_cast<size_t>(K), 0);
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t o = n * M + m;
-        if (!keep[o]) continue;
-        const int32_t code = out.codes[o];
-        if (count_here) ++hist[static_cast<size_t>(code)];
-        if (!with_stats || d0 >= d1) continue;
-        const float* srow = in.stats_row(in.stats, o * Ds, Ds, buf.data());
-        float* acc = out.sums + (m * K + code) * Ds;
-        for (int64_t d = d0; d < d1; ++d) acc[d] += srow[d];
-      }
-      if (count_here) {
-        for (int64_t k = 0; k < K; ++k) out.counts[m * K + k] = static_cast<float>(hist[static_cast<size_t>(k)]);
-      }
-    }
-  });
+#endif
+  run(RowOpsPortable{});
 }
 
 }  // namespace
