@@ -3,10 +3,14 @@
 The op contracts are tested on every backend, ext included, in ``tests/test_pq_*.py``. This file covers
 what only the extension has: that a built library actually loads (no silent fallback to the reference),
 that it registers the devices it claims, both CPU kernels (AVX2/FMA and the portable one, picked with
-``EQUSS_CPU_KERNEL``) on shapes that straddle their tiles (6-row micro-tiles, 16-codeword tiles,
-192-row chunks, L1-sized K-blocks), the EQUSS tile shape, exact ties across lanes/tiles/blocks and
-NaN/inf rows per kernel, thread-count independence and determinism, and the argument checks of the C++
-ops themselves.
+``EQUSS_CPU_KERNEL``) on shapes that straddle their tiles (24-row micro-tiles of 3 × 8 lanes, 4-codeword
+tiles, 192-row chunks, K-blocks of 128 codeword tiles), the EQUSS tile shape, exact ties across
+lanes/tiles/blocks and NaN/inf rows per kernel, the one-pass CPU ``pq_assign_gather`` against the
+separate ops (bit for bit: same assignment kernel, sums in row order), every output of pq_assign,
+pq_assign_gather and pq_cluster_stats equal to the ``*_ref`` twins of ``equss/ops/reference.py`` on
+integer-valued data (exact in any fp32 order, poisoned rows and codewords included), invalid codewords
+never winning, bit-exact gathers, thread-count independence and determinism, and the argument checks of
+the C++ ops themselves.
 
 Ops are called as ``torch.ops.equss_C.*`` so the extension is tested directly, on the inputs it is
 contracted to receive (contiguous, one float dtype).
@@ -28,6 +32,7 @@ from helpers import (
     gen,
     shape_id,
     tied_data,
+    unambiguous_rows,
 )
 
 from equss import backends
@@ -36,10 +41,10 @@ from equss.ops import reference as ref
 EXT = backends.info("ext")
 needs_ext = pytest.mark.skipif(not EXT.loaded, reason=f"ext backend not loaded: {EXT.detail}")
 
-# N: 1, a prime below one 6-row micro-tile multiple, a prime above one 192-row chunk.
-# K: 1, 3 and 17 (partial 16-codeword tiles), 257 (17 tiles: 3 L1 K-blocks when Ds = 33).
-# Ds: 1, 5 and 33 (not multiples of any vector width).
-ASSIGN_SHAPES = [(N, 2, K, Ds) for N, K, Ds in itertools.product([1, 13, 197], [1, 3, 17, 257], [1, 5, 33])]
+# N: 1, one row short of and one row past a 24-row micro-tile, a prime above one 192-row chunk.
+# K: 1, 3 and 5 (a partial 4-codeword tile alone or after a full one), 257 (65 tiles, the last partial).
+# Ds: 1 and 3 (only the tail of the 4-step unrolling and of the 4×4 transposing pack), 33 (8 steps + 1).
+ASSIGN_SHAPES = [(N, 2, K, Ds) for N, K, Ds in itertools.product([1, 23, 25, 197], [1, 3, 5, 257], [1, 3, 33])]
 
 
 def _ops():
@@ -129,14 +134,18 @@ def test_kernel_assign_is_optimal_on_tile_straddling_shapes(kernel, shape, dtype
         label = f"{name}/{metric}"
         # Judged on the values the op received: the dtype-rounded inputs, as fp32 (the op's precision).
         assert_assign_contract(x.float(), cb.float(), metric, codes, min_dist, label, "ext")
-        _, ref_dist = ref.pq_assign_ref(x, cb, metric)
+        ref_codes, ref_dist = ref.pq_assign_ref(x, cb, metric)
         # Against the reference: both are within ε of the exact distance (checked above); at Ds = 33 with
         # unit-variance data ε ≲ 3e-4 and |d| ≈ 66, so 1e-4 + 1e-5·|d| ≈ 8e-4 ≥ 2ε.
         torch.testing.assert_close(min_dist.cpu(), ref_dist, rtol=1e-5, atol=1e-4, msg=label)
+        # Rows whose winner is clear beyond both backends' rounding: the reference's code, exactly.
+        _, clear = unambiguous_rows(x.float(), cb.float(), metric)
+        assert torch.equal(codes.cpu()[clear], ref_codes[clear]), label
 
 
 def test_kernel_equss_tile_shape_gives_exact_codes(kernel):
-    """The EQUSS tile shape (Ds = 32, K = 256: two L1 K-blocks) on well-separated data: exact codes."""
+    """The EQUSS tile shape (Ds = 32, K = 256: 64 codeword tiles, one K-block) on well-separated data: exact
+    codes."""
     device, name = kernel
     N, M, K, Ds = 389, 3, 256, 32
     g = gen(3)
@@ -155,8 +164,9 @@ def test_kernel_equss_tile_shape_gives_exact_codes(kernel):
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("copies", TIE_COPIES, ids=TIE_IDS)
 def test_kernel_exact_ties_pick_lowest_index(kernel, copies, metric):
-    """Bit-identical codewords at indices that fall in different lanes, vectors, tiles and K-blocks
-    (K = 257, Ds = 33: 16-codeword tiles, 7 tiles per L1 block): the lowest index must win."""
+    """Bit-identical codewords at indices that fall in different positions of the 4-codeword tiles and in
+    different tiles (K = 257, Ds = 33; ties across K-blocks: test_kernel_several_k_blocks): the lowest
+    index must win."""
     device, name = kernel
     x, cb = tied_data(copies)
     codes, _ = _ops().pq_assign(x.to(device), cb.to(device), metric)
@@ -201,6 +211,239 @@ def test_kernel_nan_inf_rows(kernel, dtype):
         clean_codes, clean_dist = _ops().pq_assign(clean.to(device), cb.to(device), metric)
         assert torch.equal(codes[~bad], clean_codes.cpu()[~bad]), label
         assert torch.equal(min_dist[~bad], clean_dist.cpu()[~bad]), label
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_kernel_several_k_blocks(kernel, metric):
+    """K = 1031 is 258 codeword tiles, three K-blocks of the AVX2 kernel (each row resolves its winner at
+    the end of every block): random data is optimal, and exact ties across blocks go to the lowest index."""
+    device, name = kernel
+    if device != "cpu":
+        pytest.skip("the CPU kernel's K-blocks")
+    N, M, K, Ds = 53, 2, 1031, 8
+    x = torch.randn(N, M, Ds, generator=gen(20))
+    cb = torch.randn(M, K, Ds, generator=gen(21))
+    codes, min_dist = _ops().pq_assign(x.to(device), cb.to(device), metric)
+    assert_assign_contract(x, cb, metric, codes, min_dist, f"{name}/{metric}", "ext")
+    for copies in [(3, 520, 1030), (700, 1000), (1030,)]:
+        xt, cbt = tied_data(copies, N=31, M=2, K=K, Ds=Ds)
+        codes, _ = _ops().pq_assign(xt.to(device), cbt.to(device), metric)
+        assert torch.all(codes.cpu() == min(copies)), (name, copies, codes)
+
+
+# (N, M, K, Ds) for the fused op: partial tiles everywhere; 197 rows span two chunks; M = 5 > 2 threads
+# runs one subspace group per item, M = 1 the rows-parallel path with the statistics in a second pass.
+FUSED_EXT_SHAPES = [(197, 3, 37, 9), (61, 5, 17, 33), (130, 1, 300, 4)]
+
+
+def _fused_vs_separate(x, cb, cb_out, metric, stats_x, label):
+    """The one-pass CPU op against pq_assign + pq_gather + pq_cluster_stats of the same library, bit for
+    bit (the assignment kernel is shared; counts and sums are both fp32 sums in row order)."""
+    ops = _ops()
+    codes, min_dist, q, sq_err, counts, sums = ops.pq_assign_gather(x, cb, cb_out, metric, stats_x)
+    plain_codes, plain_dist = ops.pq_assign(x, cb, metric)
+    assert torch.equal(codes, plain_codes), label
+    torch.testing.assert_close(min_dist, plain_dist, rtol=0, atol=0, equal_nan=True, msg=label)
+    assert torch.equal(q, ops.pq_gather(plain_codes, cb_out)), label
+    exact = (x.float() - q.float()).square().sum(-1)
+    torch.testing.assert_close(sq_err, exact, rtol=1e-5, atol=1e-6, equal_nan=True, msg=label)
+    kept = torch.where(torch.isnan(plain_dist), -1, plain_codes)
+    ref_counts, ref_sums = ops.pq_cluster_stats(x if stats_x is None else stats_x, kept, cb.shape[1])
+    assert torch.equal(counts, ref_counts), label
+    assert torch.equal(sums, ref_sums if stats_x is not None else ref_sums[..., :0]), label
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", FUSED_EXT_SHAPES, ids=shape_id)
+def test_kernel_assign_gather_equals_separate_ops(kernel, shape, dtype):
+    device, name = kernel
+    if device != "cpu":
+        pytest.skip("the one-pass CPU op (CUDA sums add with atomics in a varying order)")
+    N, M, K, Ds = shape
+    x = torch.randn(N, M, Ds, generator=gen(30)).to(dtype)
+    cb = torch.randn(M, K, Ds, generator=gen(31)).to(dtype)
+    cb_out = torch.randn(M, K, Ds, generator=gen(32)).to(dtype)
+    stats_x = torch.randn(N, M, Ds, generator=gen(33)) * 3
+    x[5, 0, 1] = float("nan")  # an invalid row of x: code 0, in no count or sum
+    stats_x[7, M - 1] = float("inf")  # an invalid row of stats_x: its code stays, in no count or sum
+    for metric in METRICS:
+        for s in (None, stats_x, stats_x.half()):  # stats_x may have its own dtype
+            _fused_vs_separate(x, cb, cb_out, metric, s, f"{name}/{metric}/{dtype}/{s is None}")
+
+
+@needs_ext
+@pytest.mark.parametrize("M", [1, 2, 7])
+def test_assign_gather_independent_of_thread_count(M):
+    """1 thread (one subspace group per item) and 2 threads (groups, or for M = 1 the rows-parallel path
+    with a second statistics pass): every output bit-identical."""
+    N, K, Ds = 389, 29, 12
+    x = torch.randn(N, M, Ds, generator=gen(34))
+    cb, cb_out = torch.randn(M, K, Ds, generator=gen(35)), torch.randn(M, K, Ds, generator=gen(36))
+    stats_x = torch.randn(N, M, Ds, generator=gen(37)) * 100
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            results.append(_ops().pq_assign_gather(x, cb, cb_out, "l2", stats_x))
+        for a, b in zip(*results):
+            assert torch.equal(a, b), M
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------- rows-in-lanes kernel paths against the reference
+# Ties inside one 4-codeword tile, across a tile boundary, a whole tile, and the lone codeword of the
+# partial last tile (K = 257), on row counts that leave the last 24-row tile partial.
+TILE_TIE_COPIES = [(5, 6), (4, 7), (3, 4), (6, 7, 8), (8, 9, 10, 11), (1, 2, 3), (255, 256)]
+
+
+@pytest.mark.parametrize("N", [1, 25, 49])
+@pytest.mark.parametrize("metric", METRICS)
+def test_kernel_ties_in_four_codeword_tiles_pick_lowest_index(kernel, metric, N):
+    device, name = kernel
+    for copies in TILE_TIE_COPIES:
+        x, cb = tied_data(copies, N=N)
+        codes, _ = _ops().pq_assign(x.to(device), cb.to(device), metric)
+        assert torch.all(codes.cpu() == min(copies)), (name, copies, codes)
+        fused = _ops().pq_assign_gather(x.to(device), cb.to(device), cb.to(device), metric, None)
+        assert torch.equal(fused[0].cpu(), codes.cpu()), (name, copies)
+
+
+@pytest.mark.parametrize("K", [3, 5, 257])
+@pytest.mark.parametrize("metric", METRICS)
+def test_kernel_invalid_codeword_never_wins(kernel, metric, K):
+    """Every row is an exact copy of codeword j, but codeword j is poisoned (one NaN, one inf, or finite
+    values whose fp32 ||c||² overflows): it must never be chosen, at any position of a 4-codeword tile;
+    the codes are the reference's on the rows whose winner among the valid codewords is clear. A subspace
+    with no valid codeword gives code 0 and min_dist +inf."""
+    device, name = kernel
+    N, M, Ds = 29, 3, 7
+    g = gen(50)
+    for j in sorted({0, 1, 2, K - 1, min(4, K - 1)}):
+        for poison in ("nan", "inf", "overflow"):
+            cb = torch.randn(M, K, Ds, generator=g)
+            x = cb[:, j].unsqueeze(0).repeat(N, 1, 1) + 0.01 * torch.randn(N, M, Ds, generator=g)
+            if poison == "overflow":
+                cb[:, j] = 1e20
+            else:
+                cb[:, j, Ds // 2] = float(poison)
+            cb[M - 1] = float("nan")  # the last subspace has no valid codeword at all
+            label = f"{name}/{metric}/K{K}/j{j}/{poison}"
+            codes, min_dist = _ops().pq_assign(x.to(device), cb.to(device), metric)
+            codes, min_dist = codes.cpu(), min_dist.cpu()
+            assert torch.all(codes[:, : M - 1] != j), label
+            assert_assign_contract(x, cb, metric, codes, min_dist, label, "ext")
+            ref_codes, ref_dist = ref.pq_assign_ref(x, cb, metric)
+            assert torch.equal(codes[:, M - 1], ref_codes[:, M - 1]) and torch.all(codes[:, M - 1] == 0), label
+            assert torch.all(min_dist[:, M - 1] == float("inf")) and torch.equal(min_dist[:, M - 1], ref_dist[:, M - 1])
+            # Unambiguity judged without the poisoned codeword (it is +inf for both backends).
+            valid = torch.cat([cb[: M - 1, :j], cb[: M - 1, j + 1 :]], dim=1)
+            shifted, clear = unambiguous_rows(x[:, : M - 1], valid, metric)
+            assert torch.equal(codes[:, : M - 1][clear], ref_codes[:, : M - 1][clear]), label
+            assert torch.equal(ref_codes[:, : M - 1][clear], (shifted + (shifted >= j).long())[clear].int())
+
+
+def _int_data(N, M, K, Ds, dtype, seed):
+    """Small integer-valued x, codebooks, codebooks_out and stats_x: every product, distance, squared
+    error, count and sum is an integer below 2^24, so any fp32 evaluation order gives the same bits and
+    every output must equal the reference's exactly (ties included: both take the lowest index).
+
+    Poisoned on purpose: invalid rows of x (NaN, ±inf, a finite row whose fp32 ||x||² overflows) at the
+    first and last lane of a row vector and of a 24-row tile and at the last row; a NaN codeword that is
+    an exact copy of a row (so it would win if it were not excluded) and an inf codeword; invalid rows of
+    stats_x, some on rows whose x is invalid too."""
+    g = gen(seed)
+    x = torch.randint(-4, 5, (N, M, Ds), generator=g).float()
+    cb = torch.randint(-4, 5, (M, K, Ds), generator=g).float()
+    cb_out = torch.randint(-100, 101, (M, K, Ds), generator=g).float()
+    stats_x = torch.randint(-50, 51, (N, M, Ds), generator=g).float()
+    for n, m, value in [(0, 0, float("nan")), (7, M - 1, float("inf")), (23, 0, -float("inf")),
+                        (24, M - 1, 1e20), (N - 1, 0, float("nan"))]:
+        if n < N:
+            x[n, m, (n + m) % Ds] = value
+    if K >= 3:
+        cb[0, 1] = x[min(3, N - 1), 0]
+        cb[0, 1, 0] = float("nan")
+        cb[M - 1, K - 1, Ds - 1] = float("inf")
+    for n, m, value in [(2, 0, float("nan")), (7, M - 1, float("inf")), (N - 2, M - 1, 1e20)]:
+        if 0 <= n < N:
+            stats_x[n, m, 0] = value
+    return x.to(dtype), cb.to(dtype), cb_out.to(dtype), stats_x
+
+
+# (N, M, K, Ds): M = 1 runs the rows-parallel path with the statistics in a second pass, M = 2 and 5 one
+# subspace group per item (2 threads); N off the 24-row tiles, 197 and 203 span two 192-row chunks.
+INT_SHAPES = [
+    (1, 1, 1, 1),
+    (23, 2, 3, 3),
+    (25, 1, 5, 33),
+    (49, 5, 257, 3),
+    (197, 2, 257, 33),
+    (197, 1, 5, 1),
+    (203, 5, 3, 33),
+    (61, 2, 1, 3),
+]
+
+
+@pytest.mark.parametrize("dtype", ALL_FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", INT_SHAPES, ids=shape_id)
+def test_kernel_integer_data_equals_reference_exactly(kernel, shape, dtype):
+    """pq_assign, pq_assign_gather (every output) and pq_cluster_stats equal the ``*_ref`` twins of
+    equss/ops/reference.py exactly on integer-valued data; quantized is a bit-exact gather."""
+    device, name = kernel
+    if device != "cpu":
+        pytest.skip("exact sums need the CPU's row-order accumulation")
+    x, cb, cb_out, stats_x = _int_data(*shape, dtype, seed=60 + shape[0])
+    K = shape[2]
+    for metric in METRICS:
+        codes, min_dist = _ops().pq_assign(x, cb, metric)
+        ref_codes, ref_dist = ref.pq_assign_ref(x, cb, metric)
+        label = f"{name}/{metric}/{dtype}"
+        assert torch.equal(codes, ref_codes), label
+        torch.testing.assert_close(min_dist, ref_dist, rtol=0, atol=0, equal_nan=True, msg=label)
+        for s in (None, stats_x, stats_x.to(dtype)):
+            got = _ops().pq_assign_gather(x, cb, cb_out, metric, s)
+            want = ref.pq_assign_gather_ref(x, cb, cb_out, metric, s)
+            sub = f"{label}/stats={None if s is None else s.dtype}"
+            assert torch.equal(got[0], want[0]), sub
+            for i, what in [(1, "min_dist"), (3, "sq_err"), (4, "counts"), (5, "sums")]:
+                assert got[i].dtype == want[i].dtype and got[i].shape == want[i].shape, (sub, what)
+                torch.testing.assert_close(got[i], want[i], rtol=0, atol=0, equal_nan=True, msg=f"{sub}/{what}")
+            assert got[2].dtype == cb_out.dtype and torch.equal(_bits(got[2]), _bits(want[2])), sub
+        # pq_cluster_stats of the same library on the reference's codes (invalid rows left out via -1).
+        kept = torch.where(torch.isnan(ref_dist), -1, ref_codes)
+        got_c, got_s = _ops().pq_cluster_stats(stats_x, kept, K)
+        want_c, want_s = ref.pq_cluster_stats_ref(stats_x, kept, K)
+        assert torch.equal(got_c, want_c) and torch.equal(got_s, want_s), label
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor (NaN payloads and signed zeros compare too)."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", ALL_FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("code_dtype", [torch.int32, torch.int64], ids=str)
+def test_gather_is_bit_exact(dtype, code_dtype):
+    """pq_gather and the quantized output of pq_assign_gather copy codewords bit for bit: NaN payloads,
+    -0.0, ±inf and subnormals included (against pq_gather_ref, compared as raw bits)."""
+    M, K, Ds, N = 3, 7, 5, 53
+    cb = torch.randn(M, K, Ds, generator=gen(70)).to(dtype)
+    bits = _bits(cb)
+    special = torch.tensor([float("-0.0"), float("inf"), -float("inf"), torch.finfo(dtype).tiny / 4], dtype=dtype)
+    cb[0, 2, :4] = special
+    bits[1, 3, 0] = _bits(torch.tensor(float("nan"), dtype=dtype)) | 1  # a NaN with a non-default payload
+    bits[2, 6, 1] = _bits(-torch.tensor(float("nan"), dtype=dtype))
+    codes = torch.randint(0, K, (N, M), generator=gen(71), dtype=code_dtype)
+    codes[0] = torch.tensor([2, 3, 6])
+    out = _ops().pq_gather(codes, cb)
+    assert out.dtype == dtype and torch.equal(_bits(out), _bits(ref.pq_gather_ref(codes, cb)))
+    x = torch.randn(N, M, Ds, generator=gen(72)).to(dtype)
+    assign_cb = torch.randn(M, K, Ds, generator=gen(73)).to(dtype)
+    got = _ops().pq_assign_gather(x, assign_cb, cb, "dot", None)
+    assert torch.equal(_bits(got[2]), _bits(ref.pq_gather_ref(got[0], cb)))
 
 
 @needs_ext
