@@ -192,6 +192,7 @@ def test_product_kmeans_recovers_clusters():
 # --------------------------------------------------------------------------------------- run_analyses
 
 
+@pytest.mark.slow
 def test_run_analyses_writes_finite_results(tmp_path):
     g = torch.Generator().manual_seed(0)
     M, K, C = 4, 8, 3
@@ -315,6 +316,7 @@ def test_spread_to_subspaces_keeps_every_channel_and_distances():
         spread_to_subspaces(torch.randn(2, 3), 4)
 
 
+@pytest.mark.slow
 def test_figures_are_labelled(tmp_path):
     """Every axis and colour bar of the analysis figures has a label, every figure a title."""
     from matplotlib.figure import Figure

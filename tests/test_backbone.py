@@ -87,6 +87,7 @@ def test_non_square_input_and_batch_consistency(vit_s16):
     torch.testing.assert_close(bb(x[1:2]), f[1:2], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_matches_timm_forward_features_at_native_grid(vit_s16):
     """At the stored grid (224 for img_size=224) no interpolation happens: exactly timm's features."""
     bb = vit_s16
@@ -121,6 +122,7 @@ def _dino_pos_embed_reference(pos_embed: torch.Tensor, h_img: int, w_img: int, p
     return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("h,w", [(320, 320), (64, 96)], ids=["320x320", "64x96"])
 def test_dino_position_embedding_interpolation(vit_s16, h, w):
     bb = vit_s16
@@ -311,6 +313,7 @@ def ckpts(dino_state, ckpt_dir):
     return _write_variants(dino_state, ckpt_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["plain", "teacher-module-backbone", "teacher-backbone-head"])
 def test_dino_checkpoint_reproduces_source_features(variant, ckpts, source_vit):
     bb = build_backbone("vit_small_patch16", weights=str(ckpts[variant]))
@@ -413,6 +416,7 @@ def _official_dinov2_state(vit) -> dict:
     return state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
 def test_dinov2_official_checkpoint_loads_every_weight_and_reproduces_features(name, tmp_path):
     from equss.models.backbone import BACKBONES

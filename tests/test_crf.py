@@ -96,6 +96,7 @@ def _hangs_on_white_corner(image, probs):
     return probs[::-1].copy()
 
 
+@pytest.mark.slow
 @needs_crf
 def test_batched_crf_timeout_and_failure_fall_back():
     cases = [_two_region_case(seed=s) for s in range(4)]

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ 1-3: non-finite values never spread
+@pytest.mark.slow
 def test_1_nan_codeword_never_wins_and_nan_input_row_does_not_poison_training(backend):
     x = backend.to(torch.randn(40, 4, 8, generator=torch.Generator().manual_seed(0)))
     cb = backend.to(torch.randn(4, 16, 8, generator=torch.Generator().manual_seed(1)))
@@ -314,6 +315,7 @@ def test_10_knn_k_larger_than_the_data_is_capped_with_a_notice(tmp_path, caplog)
 
 
 # ------------------------------------------------------------- 11: resume, temporaries, CRF fallbacks
+@pytest.mark.slow
 def test_11_resume_leaves_no_duplicate_rows_and_no_stale_temporaries(tmp_path):
     from equss.train import Trainer
 

@@ -70,6 +70,7 @@ def test_stage_problems_flags_failures_timeouts_and_unexpected_skips():
     assert any("exceeds its budget" in p for p in problems)
 
 
+@pytest.mark.slow
 def test_script_stops_an_overrunning_stage_and_skips_what_does_not_fit(tmp_path):
     """bench_gpu.sh's driver: a stage over its budget is stopped and recorded, the stages that no longer fit
     are skipped (never started), and every stage is in summary.json and report.md."""
@@ -118,6 +119,7 @@ def test_cuda_home_behind_a_wrapper_script(tmp_path):
     assert any(Path(out, d, "cuda_runtime_api.h").exists() for d in ("include", "targets/x86_64-linux/include"))
 
 
+@pytest.mark.slow
 def test_plugin_orders_interleaves_caps_and_stops_at_the_deadline(tmp_path):
     (tmp_path / "test_a.py").write_text("import pytest\n@pytest.mark.parametrize('i', range(4))\ndef test_a(i): pass\n"
                                         "def test_first(): pass\n")

@@ -462,6 +462,7 @@ def _train_three_steps(backend: str, learning: str) -> tuple[list, dict, torch.T
     return outs, copy.deepcopy(pq.state_dict()), torch.stack(grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("learning", ["param", "ema"])
 @pytest.mark.parametrize("backend", ["ext", "triton"])
 def test_every_backend_trains_like_the_torch_reference(backend, learning):

@@ -213,6 +213,7 @@ def test_backward_float64(backend):
     torch.testing.assert_close(got.cpu(), sums64(grad_out, codes, K), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_gradcheck_float64(backend):
     # Small: the numerical Jacobian runs the op twice per codebook element.
     cb = backend.to(torch.randn(2, 3, 2, generator=gen(32), dtype=torch.float64)).requires_grad_(True)

@@ -49,6 +49,7 @@ def run_dir(request, tmp_path_factory):
     return tmp, request.param == "labelled"
 
 
+@pytest.mark.slow
 def test_predict_writes_masks_and_overlays_at_every_image_size(run_dir, tmp_path):
     tmp, labelled = run_dir
     ckpt = tmp / "run" / ("best.ckpt" if labelled else "last.ckpt")

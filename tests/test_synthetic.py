@@ -149,6 +149,7 @@ def test_demo_backbone_sees_orientation_not_colour():
 # --------------------------------------------------------------------------------------- baselines
 
 
+@pytest.mark.slow
 def test_kmeans_baselines_colour_near_chance_demo_above():
     """Small version of ``python scripts/synthetic_baselines.py`` (40 val images): colour alone is near
     chance, the frozen demo features are clearly above it (the full-size numbers are in equss/data/synthetic.py)."""

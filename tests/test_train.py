@@ -51,6 +51,7 @@ def _read_csv(path):
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_short_run_learns_and_beats_chance(tmp_path):
     from equss.train import run
 
@@ -73,6 +74,7 @@ def _state(path):
     return load_checkpoint(path)["model"]
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     """6 uninterrupted steps == 3 steps, stop, resume from last.ckpt, 3 more steps (bit for bit)."""
     from equss.train import Trainer
@@ -94,6 +96,7 @@ def test_resume_is_exact(tmp_path):
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
 
 
+@pytest.mark.slow
 def test_without_feature_cache_runs_the_backbone(tmp_path):
     """backbone.cache_features=false trains on backbone features computed per step (not on raw images)."""
     from equss.train import Trainer
@@ -205,6 +208,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert len(rows) == 4  # rank 0 logs once per step, rank 1 never
 
 
+@pytest.mark.slow
 def test_cold_and_warm_caches_give_the_same_run(tmp_path):
     """A run is a pure function of its configuration and seed: building the feature caches and the kNN
     table (cold) or reading them (warm) must not change a single logged number."""
