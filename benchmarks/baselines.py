@@ -1,6 +1,6 @@
 """Outside implementations the PQ benchmarks compare against, and the training step each backend runs.
 
-* **The authors' formulation** (EQUSS_SPEC §4, ``model/dino_pqgo.py``): a Python loop over the M
+* **The authors' formulation** (docs/method.md §4, ``model/dino_pqgo.py``): a Python loop over the M
   subspaces, each computing the full N×K distance matrix from norms and a matmul, a softmax over it
   (computed by the authors' code for losses whose weight is 0 — wasted, but it is what their step
   costs), argmin, a codebook lookup; for the EMA variant ``F.one_hot`` counts and a one_hot matmul for the
@@ -8,7 +8,8 @@
   l2-normalises them first, which costs the same for everyone).
 * **vector-quantize-pytorch** ``VectorQuantize`` with one codebook per head (``heads=M``,
   ``separate_codebook_per_head=True``, ``codebook_dim=Ds``, so no projections): the same EMA update
-  rule (decay, Laplace smoothing), straight-through estimator and commitment loss.
+  rule (decay, Laplace smoothing), straight-through estimator (``rotation_trick=False``: its default for
+  dim > 1 is the rotation trick, a different and costlier backward) and commitment loss.
 * :func:`equss_train_step`: our ops (``equss.pq_assign``/``pq_gather``/``pq_ema_update_`` through the
   active backend, or the fused Triton assign+gather).
 
@@ -25,11 +26,13 @@ from torch import Tensor
 
 __all__ = [
     "authors_assign",
+    "authors_cluster_stats",
     "authors_ema_update_",
     "authors_train_step",
     "equss_train_step",
     "vqp_unavailable_reason",
     "make_vqp",
+    "vqp_set_codebooks_",
     "vqp_train_step",
 ]
 
@@ -60,6 +63,16 @@ def authors_assign(x: Tensor, codebooks: Tensor, softmax: bool = True) -> tuple[
         codes.append(idx)
         outs.append(cm[idx])
     return torch.stack(codes, dim=1), torch.stack(outs, dim=1)
+
+
+def authors_cluster_stats(x: Tensor, codes: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    """This step's ``counts [M, K]`` and ``sums [M, K, Ds]`` from ``F.one_hot`` and a one_hot matmul, per subspace."""
+    counts, sums = [], []
+    for m in range(x.shape[1]):
+        onehot = F.one_hot(codes[:, m].long(), K).to(torch.float32)  # [N, K]
+        counts.append(onehot.sum(0))
+        sums.append(onehot.t() @ x[:, m].float())  # [K, Ds]
+    return torch.stack(counts), torch.stack(sums)
 
 
 def authors_ema_update_(
@@ -148,8 +161,19 @@ def vqp_unavailable_reason() -> str | None:
     return None
 
 
-def make_vqp(M: int, K: int, Ds: int, device, decay: float = 0.99, eps: float = 1e-5, beta: float = 0.25):
-    """``VectorQuantize`` with M separate [K, Ds] codebooks (one per head), EMA updates, commitment β."""
+def make_vqp(
+    M: int,
+    K: int,
+    Ds: int,
+    device,
+    decay: float = 0.99,
+    eps: float = 1e-5,
+    beta: float = 0.25,
+    image_fmap: bool = False,
+):
+    """``VectorQuantize`` with M separate [K, Ds] codebooks (one per head), EMA updates, commitment β and the
+    plain straight-through estimator (``rotation_trick=False``). ``image_fmap``: it takes ``[B, D, H, W]``
+    feature maps (``accept_image_fmap``), like ``ProductQuantizer(channel_dim=1)``."""
     from vector_quantize_pytorch import VectorQuantize
 
     vq = VectorQuantize(
@@ -163,6 +187,8 @@ def make_vqp(M: int, K: int, Ds: int, device, decay: float = 0.99, eps: float = 
         commitment_weight=beta,
         kmeans_init=False,
         threshold_ema_dead_code=0,
+        rotation_trick=False,
+        accept_image_fmap=image_fmap,
     )
     return vq.to(device)
 
@@ -170,6 +196,14 @@ def make_vqp(M: int, K: int, Ds: int, device, decay: float = 0.99, eps: float = 
 def vqp_codebooks(vq) -> Tensor:
     """The ``[M, K, Ds]`` codebooks of a :func:`make_vqp` module (its ``_codebook.embed`` buffer)."""
     return vq._codebook.embed
+
+
+@torch.no_grad()
+def vqp_set_codebooks_(vq, codebooks: Tensor) -> None:
+    """Start ``vq`` from ``codebooks [M, K, Ds]``: its codewords and its EMA sums (``embed_avg``, which it
+    starts at the codewords; its ``cluster_size`` starts at 1)."""
+    vq._codebook.embed.copy_(codebooks)
+    vq._codebook.embed_avg.copy_(codebooks)
 
 
 def vqp_forward(vq, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

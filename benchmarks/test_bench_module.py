@@ -4,10 +4,11 @@ Group ``module-step``. The input is the EQUSS layout ``[B, D, H, W]`` (``channel
 includes the layout change the real model pays. ``param``: forward, backward into the input and the
 codebooks. ``ema``: forward, backward into the input, and the EMA update inside the forward.
 
-Shapes: ``EQUSS_TRAIN`` (N = 25,088 = 32 × 28 × 28, M = 32, K = 256, Ds = 32) on CUDA; on CPU
-``CPU_SMALL`` (N = 4,096) so the suite stays affordable. Backends that are not available on the device
-are skipped with the reason ``equss.backends`` recorded; Triton on CPU would only run under its
-interpreter, whose timings mean nothing, so it is skipped there too.
+CPU only, at ``CPU_SMALL`` (N = 4,096) so the suite stays affordable. On CUDA the module step is the
+``module_step`` group of ``benchmarks/test_bench_gpu.py`` (EQUSS shape, validated against the torch backend,
+with the vector-quantize-pytorch row), and this file skips. Backends that are not available are skipped
+with the reason ``equss.backends`` recorded; Triton on CPU would only run under its interpreter, whose
+timings mean nothing, so it is skipped too.
 
 Run: ``pytest benchmarks/test_bench_module.py --benchmark`` (without ``--benchmark`` each case runs once).
 """
@@ -18,11 +19,14 @@ import pytest
 import torch
 
 import equss
-from benchmarks.shapes import CPU_SMALL, EQUSS_TRAIN, PQShape
+from benchmarks.shapes import CPU_SMALL, PQShape
 from equss.nn import ProductQuantizer
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-SHAPE = EQUSS_TRAIN if DEVICE.type == "cuda" else CPU_SMALL
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="on CUDA: the module_step group of benchmarks/test_bench_gpu.py"
+)
+DEVICE = torch.device("cpu")
+SHAPE = CPU_SMALL
 
 
 def _feature_map(shape: PQShape) -> tuple[int, int, int]:

@@ -1,6 +1,6 @@
 // Declarations of the per-device implementations of the equss_C ops (schemas in registration.cpp).
 //
-// Shapes (glossary in DESIGN.md): x [N, M, Ds], codebooks [M, K, Ds], codes [N, M] int32/int64.
+// Shapes (glossary in docs/method.md): x [N, M, Ds], codebooks [M, K, Ds], codes [N, M] int32/int64.
 // Semantics are those of equss/ops/reference.py: int32 codes, fp32 accumulation, ties to the lowest
 // index, in-range codes and non-finite min_dist for NaN/inf rows.
 #pragma once

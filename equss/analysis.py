@@ -1,4 +1,4 @@
-"""The paper's analyses of the quantized space ("Analyses on EQUSS", ``shared/EQUSS_SPEC.md`` §11).
+"""The paper's analyses of the quantized space ("Analyses on EQUSS", docs/method.md §10).
 
 Input everywhere: per-pixel PQ codes ``codes [P, M]`` (int, in ``[0, K)``) and labels ``labels [P]``
 (``0 .. n_classes-1``; anything else = unlabelled). Codes of an EQUSS model come from its PQ head; for
@@ -63,6 +63,7 @@ from equss.ops import pq_assign
 from equss.ops.kmeans import product_kmeans
 
 __all__ = [
+    "plot_stego_shifts",
     "CodeHistogram",
     "class_entropy",
     "joint_code_entropy",
@@ -370,6 +371,28 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
+
+
+def plot_stego_shifts(samples: Mapping[str, Tensor], shifts: Mapping[str, float], path: str | os.PathLike) -> Path:
+    """Histograms of the feature correlations of the STEGO loss's three pairings, each with its shift.
+
+    Pairs to the right of a pairing's shift attract (their codes are pulled together), those to the left
+    repel; the caption states which fraction of each pairing attracts.
+    """
+    titles = {"pos_intra": "self (same image)", "pos_inter": "kNN neighbour", "neg_inter": "random image"}
+    fig, axes = _figure((11.0, 3.3), ncols=3, sharey=False)
+    for ax, key in zip(axes, ("pos_intra", "pos_inter", "neg_inter")):
+        v = samples[key].detach().float().cpu().numpy().ravel()
+        b = float(shifts[key])
+        ax.hist(v, bins=80, color="0.55")
+        ax.axvline(b, color="C3", lw=2)
+        attract = float((v > b).mean()) if v.size else float("nan")
+        ax.set_title(f"{titles[key]}: shift {b:.3f}, {100 * attract:.0f}% attract", fontsize=9)
+        ax.set_xlabel("feature correlation (cosine, point-wise centred)")
+    axes[0].set_ylabel("sampled point pairs")
+    fig.suptitle("STEGO shifts measured on the training data (loss.preset=auto)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def plot_class_entropy(

@@ -81,6 +81,11 @@ class DataConfig:
     num_neighbors: int = 7
     knn_k: int = 30
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # Image folders only (data.dataset=imagefolder): the classes of a labelled folder (names, or a count;
+    # inferred from the label PNGs when neither is given), or the clusters to find in an unlabelled one.
+    class_names: list[str] | None = None
+    num_classes: int | None = None
+    num_clusters: int | None = None
 
 
 @dataclass
@@ -107,6 +112,7 @@ class QuantizerConfig:
     kmeans_iters: int = 10
     dead_code_steps: int = 0
     dead_code_seed: str = "random"
+    on_invalid: str = "skip"
 
 
 @dataclass
@@ -119,6 +125,7 @@ class ModelConfig:
     dropout: float = 0.1
     extra_clusters: int = 0
     cluster_init: str = "randn"
+    cluster_loss_at: str = "label"
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
 
 
@@ -387,6 +394,19 @@ def validate(cfg: TrainConfig) -> None:
             _need(getattr(s, key) >= 1, f"data.synthetic.{key}", f"must be >= 1, got {getattr(s, key)}")
     elif d.root is None:
         raise ConfigError(f"data.root: dataset {d.dataset!r} needs its root directory (data.root=/path/to/{d.dataset})")
+    if d.dataset != "imagefolder":
+        for key in ("class_names", "num_classes", "num_clusters"):
+            _need(getattr(d, key) is None, f"data.{key}",
+                  f"is for data.dataset=imagefolder only ({d.dataset!r} defines its own classes)")
+    from equss.models.backbone import BACKBONES, DEMO_NAME  # lazily: no timm import
+
+    _need(cfg.backbone.name in BACKBONES or cfg.backbone.name == DEMO_NAME, "backbone.name",
+          f"{cfg.backbone.name!r} is not one of {', '.join(sorted(BACKBONES) + [DEMO_NAME])}")
+    patch = BACKBONES[cfg.backbone.name].patch_size if cfg.backbone.name in BACKBONES else 8
+    for key in ("train_res", "val_res"):
+        value = getattr(d, key)
+        _need(value % patch == 0, f"data.{key}",
+              f"{value} is not a multiple of the patch size {patch} of {cfg.backbone.name} (e.g. {value - value % patch or patch})")
     _need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
           f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
 
@@ -397,13 +417,14 @@ def validate(cfg: TrainConfig) -> None:
     _need(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _need(m.extra_clusters >= 0, "model.extra_clusters", f"must be >= 0, got {m.extra_clusters}")
     _choice(m.cluster_init, CLUSTER_INITS, "model.cluster_init")
+    _choice(m.cluster_loss_at, ("label", "feature"), "model.cluster_loss_at")
     try:
         ProductQuantizer(m.dim, m.num_subspaces, m.codebook_size, channel_dim=1, **asdict(m.quantizer))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model.quantizer: {exc}") from exc
 
-    _need(cfg.loss.preset in STEGO_PRESETS, "loss.preset",
-          f"{cfg.loss.preset!r} is not one of {', '.join(sorted(STEGO_PRESETS))}")
+    _need(cfg.loss.preset in STEGO_PRESETS or cfg.loss.preset == "auto", "loss.preset",
+          f"{cfg.loss.preset!r} is not 'auto' or one of {', '.join(sorted(STEGO_PRESETS))}")
     _need(cfg.loss.feature_samples >= 1, "loss.feature_samples", f"must be >= 1, got {cfg.loss.feature_samples}")
     _need(cfg.loss.neg_samples >= 0, "loss.neg_samples", f"must be >= 0, got {cfg.loss.neg_samples}")
 

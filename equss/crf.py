@@ -206,8 +206,9 @@ def batched_crf(
             workers; default pydensecrf with :data:`CRF_PARAMS` updated by ``params``. Must be picklable.
 
     Returns:
-        :class:`CRFBatchResult`; images whose CRF timed out or raised keep their non-CRF probabilities
-        and are listed in ``failed`` (a warning is logged).
+        :class:`CRFBatchResult`; images whose CRF timed out, raised or returned non-finite values, and
+        images with non-finite logits, keep their non-CRF probabilities (uniform where the logits were not
+        finite) and are listed in ``failed`` (a warning is logged).
     """
     if isinstance(images, Tensor):
         images = unnormalize_image(images, channel_order=channel_order)
@@ -230,17 +231,28 @@ def batched_crf(
     # Upsample + softmax once in the parent (on the logits' device; fast on a GPU); the workers get
     # numpy only, so they never touch torch/CUDA.
     fallback = [_softmax_upsampled(logits[i], im.shape[:2]).cpu() for i, im in enumerate(images)]
+    failed: dict[int, str] = {}
+    for i, probs in enumerate(fallback):
+        if not torch.isfinite(probs).all():
+            # Non-finite logits: the CRF would propagate NaN; the fallback is uniform where they are bad.
+            failed[i] = "non-finite logits"
+            fallback[i] = torch.where(torch.isfinite(probs), probs, 1.0 / probs.shape[0])
     own_pool = pool is None
     pool = CRFPool(processes) if own_pool else pool
-    failed: dict[int, str] = {}
     out: list[Tensor] = []
     try:
-        futures = [pool.schedule(crf_fn, (im, fallback[i].numpy()), timeout) for i, im in enumerate(images)]
+        futures = [None if i in failed else pool.schedule(crf_fn, (im, fallback[i].numpy()), timeout)
+                   for i, im in enumerate(images)]
         for i, fut in enumerate(futures):
+            if fut is None:
+                out.append(fallback[i])
+                continue
             try:
                 q = np.asarray(fut.result(), dtype=np.float32)
                 if q.shape != tuple(fallback[i].shape):
                     raise ValueError(f"CRF returned shape {q.shape}, expected {tuple(fallback[i].shape)}")
+                if not np.isfinite(q).all():
+                    raise ValueError("CRF returned non-finite probabilities")
                 out.append(torch.from_numpy(q))
             except (TimeoutError, FutureTimeoutError):  # distinct classes before Python 3.11
                 failed[i] = f"timed out after {timeout} s"

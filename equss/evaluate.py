@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from equss.io import save_json
+from equss.progress import Progress
 
 __all__ = ["ConfusionMatrix", "SegmentationMetrics", "evaluate_model"]
 
@@ -264,7 +264,7 @@ def evaluate_model(
     desc: str = "eval",
     keep: bool = False,
 ) -> dict[str, Any]:
-    """Cluster- and linear-probe metrics over a whole evaluation set (EQUSS_SPEC §9).
+    """Cluster- and linear-probe metrics over a whole evaluation set (docs/method.md §9).
 
     ``featurize(batch, flip=False)`` returns the backbone features of a batch. With ``crf`` the probe
     log-probabilities are refined by DenseCRF per image (needs the ``img`` of every item). ``keep`` also
@@ -278,7 +278,7 @@ def evaluate_model(
     kept: dict[str, list] = {"cluster": [], "linear": [], "label": [], "index": []}
     crf_failed = 0
     with CRFPool(crf_processes) if crf else nullcontext() as pool:
-        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        for batch in Progress(loader, desc=desc, unit="batch", enabled=progress, leave=False):
             label = batch["label"].to(device)
             f = featurize(batch).to(device)
             flip_f = featurize(batch, flip=True).to(device) if flip else None

@@ -1,6 +1,6 @@
 """STEGO correspondence loss (the feature-distillation loss EQUSS trains its expansion head with).
 
-EQUSS_SPEC §5. For two images a, b with frozen backbone features ``f`` and head codes ``z``, sample
+docs/method.md §5. For two images a, b with frozen backbone features ``f`` and head codes ``z``, sample
 ``S×S`` random points per image, and compare the cosine-correlation tensors
 
     F[n,h,w,i,j]  = <f̂_a(h,w), f̂_b(i,j)>        (no grad; "pointwise" re-centred per (h,w))
@@ -22,7 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "AUTO",
+    "AUTO_QUANTILES",
+    "AUTO_WEIGHTS",
     "STEGO_PRESETS",
+    "auto_shifts",
+    "stego_config_from_shifts",
     "StegoLossConfig",
     "StegoCorrespondenceLoss",
     "correspondence_pair_loss",
@@ -34,7 +39,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class StegoLossConfig:
-    """Weights and shifts of the three pairings (EQUSS_SPEC §5 table) and the sampling settings."""
+    """Weights and shifts of the three pairings (docs/method.md §5 table) and the sampling settings."""
 
     pos_intra_weight: float = 0.47
     pos_intra_shift: float = 0.18
@@ -53,7 +58,7 @@ def _preset(intra: tuple[float, float], inter: tuple[float, float], neg: tuple[f
     return StegoLossConfig(intra[0], intra[1], inter[0], inter[1], neg[0], neg[1])
 
 
-# (dataset, backbone) → weights/shifts, from the authors' configs (EQUSS_SPEC §5).
+# (dataset, backbone) → weights/shifts, from the authors' configs (docs/method.md §5).
 STEGO_PRESETS: dict[str, StegoLossConfig] = {
     "cocostuff27/vit_small_patch8": _preset((0.47, 0.18), (0.45, 0.02), (0.53, 0.23)),
     "cocostuff27/vit_small_patch8/stego": _preset((0.67, 0.08), (0.25, 0.02), (0.63, 0.66)),
@@ -63,6 +68,45 @@ STEGO_PRESETS: dict[str, StegoLossConfig] = {
     "potsdam/vit_small_patch8": _preset((0.67, 0.08), (0.25, 0.02), (0.63, 0.46)),
     "potsdam/vit_base_patch8": _preset((0.67, 0.21), (0.25, 0.12), (0.63, 0.26)),
 }
+
+
+AUTO = "auto"
+#: Which quantile of each pairing's measured feature correlations ``loss.preset=auto`` takes as its shift
+#: (:func:`auto_shifts`). The pairs above the shift attract, those below repel: self pairs are split at
+#: the median, kNN pairs likewise, random pairs so that 90 % of them repel (two random images mostly show
+#: different things). Chosen on the synthetic benchmark's variants (docs/configuration.md, "loss").
+AUTO_QUANTILES = {"pos_intra": 0.5, "pos_inter": 0.5, "neg_inter": 0.9}
+#: Weights of the three pairings under ``loss.preset=auto`` (the EQUSS COCO-Stuff ViT-S/8 preset's).
+AUTO_WEIGHTS = {"pos_intra": 0.47, "pos_inter": 0.45, "neg_inter": 0.53}
+
+
+def auto_shifts(samples: dict[str, Tensor], quantiles: dict[str, float] | None = None) -> dict[str, float]:
+    """Shifts from measured feature correlations: ``shift_t = quantile_{q_t}(F_t)`` per pairing ``t``.
+
+    ``samples``: 1-D correlation samples per pairing (:meth:`StegoCorrespondenceLoss.correlation_samples`,
+    concatenated over a few batches). A large sample is subsampled with a fixed generator (quantiles are
+    insensitive to it; ``torch.quantile`` has a size limit).
+    """
+    q = {**AUTO_QUANTILES, **(quantiles or {})}
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    for key in ("pos_intra", "pos_inter", "neg_inter"):
+        v = samples[key].detach().float().cpu().reshape(-1)
+        if v.numel() == 0:
+            raise ValueError(f"auto_shifts: no {key} samples (a batch of one image has no negative pairs)")
+        if v.numel() > 1_000_000:
+            v = v[torch.randperm(v.numel(), generator=g)[:1_000_000]]
+        out[key] = float(torch.quantile(v, q[key]))
+    return out
+
+
+def stego_config_from_shifts(shifts: dict[str, float], **settings) -> StegoLossConfig:
+    """A :class:`StegoLossConfig` with the :data:`AUTO_WEIGHTS` and the given shifts (and settings)."""
+    return StegoLossConfig(
+        pos_intra_weight=AUTO_WEIGHTS["pos_intra"], pos_intra_shift=shifts["pos_intra"],
+        pos_inter_weight=AUTO_WEIGHTS["pos_inter"], pos_inter_shift=shifts["pos_inter"],
+        neg_inter_weight=AUTO_WEIGHTS["neg_inter"], neg_inter_shift=shifts["neg_inter"], **settings,
+    )
 
 
 def _norm(t: Tensor) -> Tensor:
@@ -83,6 +127,21 @@ def sample_points(t: Tensor, coords: Tensor) -> Tensor:
     return F.grid_sample(t, coords.permute(0, 2, 1, 3), padding_mode="border", align_corners=True)
 
 
+@torch.no_grad()
+def feature_correlation(f1: Tensor, f2: Tensor, pointwise: bool = True) -> Tensor:
+    """``F [N, S, S, S, S]``: cosine correlations of sampled backbone features, the target of the loss.
+
+    With ``pointwise``, each anchor point's correlations are centred over the other image's points and the
+    global mean is restored (so only the per-point offsets are removed), as STEGO does.
+    """
+    fd = tensor_correlation(_norm(f1), _norm(f2))
+    if pointwise:
+        old_mean = fd.mean()
+        fd = fd - fd.mean(dim=(3, 4), keepdim=True)
+        fd = fd - fd.mean() + old_mean
+    return fd
+
+
 def correspondence_pair_loss(
     f1: Tensor,
     f2: Tensor,
@@ -100,14 +159,7 @@ def correspondence_pair_loss(
         c1, c2: sampled codes ``[N, D, S, S]``.
         shift: the constant subtracted from the feature correlation.
     """
-    with torch.no_grad():
-        fd = tensor_correlation(_norm(f1), _norm(f2))
-        if pointwise:
-            # Centre each anchor point's correlations over the other image's points, then restore the
-            # global mean (so only the per-point offsets are removed).
-            old_mean = fd.mean()
-            fd = fd - fd.mean(dim=(3, 4), keepdim=True)
-            fd = fd - fd.mean() + old_mean
+    fd = feature_correlation(f1, f2, pointwise)
     cd = tensor_correlation(_norm(c1), _norm(c2))
     min_val = 0.0 if zero_clamp else -9999.0
     cd_clamped = cd.clamp(min_val, 0.8) if stabilize else cd.clamp(min=min_val)
@@ -128,7 +180,7 @@ def derangement(n: int, device: torch.device | str = "cpu", generator: torch.Gen
 
 
 class StegoCorrespondenceLoss(nn.Module):
-    """The STEGO correspondence loss ``L_stego`` of EQUSS_SPEC §5.
+    """The STEGO correspondence loss ``L_stego`` of docs/method.md §5.
 
     Call with backbone features ``f, f_pos [B, C, h, w]`` (anchor and kNN positive, after dropout) and
     head codes ``z, z_pos [B, D, h, w]`` (before quantization). Returns ``(total, terms)`` where
@@ -154,6 +206,30 @@ class StegoCorrespondenceLoss(nn.Module):
             f1, f2, c1, c2, shift, self.cfg.pointwise, self.cfg.zero_clamp, self.cfg.stabilize
         )
         return loss.mean()
+
+    @torch.no_grad()
+    def correlation_samples(self, f: Tensor, f_pos: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """The feature correlations each pairing of :meth:`forward` compares with its shift, for one batch.
+
+        Sampled exactly as the loss samples them (``feature_samples²`` random points per image, the kNN
+        positive, ``neg_samples`` derangements of the batch); returns 1-D tensors keyed ``pos_intra``,
+        ``pos_inter`` and ``neg_inter``. :func:`auto_shifts` turns them into shifts.
+        """
+        cfg = self.cfg
+        B, S = f.shape[0], cfg.feature_samples
+        coords1 = (torch.rand(B, S, S, 2, generator=generator) * 2 - 1).to(f.device, f.dtype)
+        coords2 = (torch.rand(B, S, S, 2, generator=generator) * 2 - 1).to(f.device, f.dtype)
+        fs, fs_pos = sample_points(f, coords1), sample_points(f_pos, coords2)
+        out = {
+            "pos_intra": feature_correlation(fs, fs, cfg.pointwise).reshape(-1),
+            "pos_inter": feature_correlation(fs, fs_pos, cfg.pointwise).reshape(-1),
+        }
+        neg = []
+        for _ in range(max(cfg.neg_samples, 1) if B >= 2 else 0):
+            perm = derangement(B, f.device, generator)
+            neg.append(feature_correlation(fs, sample_points(f[perm], coords2), cfg.pointwise).reshape(-1))
+        out["neg_inter"] = torch.cat(neg) if neg else f.new_zeros(0)
+        return out
 
     def forward(
         self, f: Tensor, f_pos: Tensor, z: Tensor, z_pos: Tensor, generator: torch.Generator | None = None

@@ -9,11 +9,13 @@ analysis (``scripts/analyze.py``) all start here, so they build data and feature
   backbone on the images (and always the backbone for flipped images);
 * :func:`build_train_data` / :func:`build_val_data` — datasets, feature caches, kNN pairs, sampler,
   loaders;
-* :func:`load_run` — a trained checkpoint with its configuration, backbone, model and validation data.
+* :func:`load_trained` / :func:`load_run` — a trained checkpoint with its configuration, backbone and
+  model (and, for :func:`load_run`, its validation data).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from equss.checkpoint import load_checkpoint
-from equss.config import TrainConfig, check_compatible, config_from_dict, config_to_dict
+from equss.checkpoint import CheckpointError, load_checkpoint
+from equss.config import ConfigError, TrainConfig, check_compatible, config_from_dict, config_to_dict
 from equss.data import build_dataset
 from equss.data.feature_cache import FeatureCache
 from equss.data.knn import load_or_compute_knn
@@ -46,8 +48,12 @@ __all__ = [
     "dataset_kwargs",
     "feature_cache_dir",
     "load_run",
+    "load_trained",
+    "measure_correlations",
     "setup_runtime",
 ]
+
+log = logging.getLogger(__name__)
 
 
 # -------------------------------------------------------------------------------------------- runtime
@@ -93,6 +99,8 @@ def dataset_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     if d.dataset == "synthetic":
         s = d.synthetic
         kwargs.update(num_train=s.num_train, num_val=s.num_val, num_classes=s.num_classes, seed=cfg.seed)
+    elif d.dataset == "imagefolder":
+        kwargs.update(class_names=d.class_names, num_classes=d.num_classes, num_clusters=d.num_clusters)
     return kwargs
 
 
@@ -191,15 +199,16 @@ def build_train_data(cfg: TrainConfig, backbone: nn.Module, device: torch.device
     else:
         train_base, val_base = train_images, val_images
 
+    knn_k, num_neighbors = _knn_sizes(cfg, len(train_images))
     nns, knn_path = rank0_first(
         dist,
         lambda: load_or_compute_knn(
             backbone, train_images, dataset_id(cfg, d.train_split), feature_cache_dir(cfg),
-            k=d.knn_k, device=device, progress=progress,
+            k=knn_k, device=device, progress=progress,
             features=train_base if cfg.backbone.cache_features else None,  # cached: no second backbone pass
         ),
     )
-    pairs = PairDataset(train_base, nns, d.num_neighbors, cfg.seed)
+    pairs = PairDataset(train_base, nns, num_neighbors, cfg.seed)
     anchors, holdout_loader = _holdout_split(cfg, len(train_base), kwargs)
     sampler = ResumableSampler(anchors, d.batch_size, cfg.seed, dist.rank, dist.world_size)
     loader = torch.utils.data.DataLoader(
@@ -214,6 +223,22 @@ def build_train_data(cfg: TrainConfig, backbone: nn.Module, device: torch.device
     )
     val = ValData(val_images, val_base, _val_loader(cfg, val_base), n_classes, class_names)
     return TrainData(train_images, train_base, str(knn_path), pairs, sampler, loader, holdout_loader, val)
+
+
+def _knn_sizes(cfg: TrainConfig, n: int) -> tuple[int, int]:
+    """``data.knn_k`` and ``data.num_neighbors`` capped to a training set of ``n`` images (with a notice):
+    a table holds at most ``n`` neighbours (the image itself first), and a positive is one of the others."""
+    d = cfg.data
+    if n < 2:
+        raise ConfigError(f"data.dataset: the training split has {n} image(s); kNN positives need at least 2")
+    k, nb = d.knn_k, d.num_neighbors
+    if k > n:
+        log.warning("data.knn_k=%d is more than the %d training images: using knn_k=%d", k, n, n)
+        k = n
+    if nb >= k:
+        log.warning("data.num_neighbors=%d needs knn_k > num_neighbors: using num_neighbors=%d", nb, k - 1)
+        nb = k - 1
+    return k, nb
 
 
 def _holdout_split(cfg: TrainConfig, n: int, kwargs: dict[str, Any]):
@@ -248,6 +273,29 @@ def build_val_data(cfg: TrainConfig, backbone: nn.Module, device: torch.device, 
     return ValData(images, base, _val_loader(cfg, base, batch_size, num_workers), n_classes, class_names)
 
 
+# -------------------------------------------------------------------------------------- STEGO shifts
+@torch.no_grad()
+def measure_correlations(cfg: TrainConfig, data: TrainData, featurize: Featurizer, batches: int = 8) -> dict[str, Tensor]:
+    """Feature correlations of ``batches`` random batches of training pairs, as each pairing of the STEGO
+    loss sees them (``loss.preset=auto`` sets its shifts from them). Draws only from its own generators."""
+    from equss.losses import StegoCorrespondenceLoss
+
+    probe = StegoCorrespondenceLoss(feature_samples=cfg.loss.feature_samples, neg_samples=cfg.loss.neg_samples,
+                                    pointwise=cfg.loss.pointwise)
+    loader = torch.utils.data.DataLoader(
+        data.pairs, batch_size=min(cfg.data.batch_size, len(data.pairs)), shuffle=True, drop_last=True,
+        num_workers=0, generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    g = torch.Generator().manual_seed(cfg.seed)
+    out: dict[str, list[Tensor]] = {"pos_intra": [], "pos_inter": [], "neg_inter": []}
+    for i, batch in enumerate(loader):
+        if i == batches:
+            break
+        for key, v in probe.correlation_samples(featurize(batch, "img"), featurize(batch, "img_pos"), g).items():
+            out[key].append(v.cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
 # --------------------------------------------------------------------------------------- trained runs
 @dataclass
 class LoadedRun:
@@ -264,6 +312,30 @@ class LoadedRun:
     featurize: Featurizer
 
 
+def load_trained(
+    checkpoint_path: str, overrides: Sequence[str] = (), device: str = "auto"
+) -> tuple[TrainConfig, EQUSSModel, nn.Module, dict[str, Any], torch.device]:
+    """``(cfg, model in eval mode, backbone, checkpoint, device)`` of the run that wrote ``checkpoint_path``.
+
+    The checkpoint carries its configuration; ``overrides`` (``key=value``) may change non-structural
+    settings, e.g. ``data.root`` when the data moved (structural keys must match).
+    """
+    dev = resolve_device(device, DistInfo())
+    ckpt = load_checkpoint(checkpoint_path, map_location=dev)
+    cfg = config_from_dict(ckpt["config"], overrides)
+    check_compatible(ckpt["config"], config_to_dict(cfg), checkpoint_path)
+    backbone = build_backbone_for(cfg, dev)
+    if backbone.embed_dim != int(ckpt["in_dim"]):
+        raise CheckpointError(
+            f"backbone {cfg.backbone.name} gives {backbone.embed_dim} channels but the checkpoint "
+            f"{checkpoint_path} was trained on {ckpt['in_dim']}"
+        )
+    model = EQUSSModel.from_config(cfg.model, int(ckpt["in_dim"]), int(ckpt["n_classes"])).to(dev)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return cfg, model, backbone, ckpt, dev
+
+
 def load_run(
     checkpoint_path: str,
     overrides: Sequence[str] = (),
@@ -278,23 +350,10 @@ def load_run(
     The checkpoint carries its configuration; ``overrides`` (``key=value``) may change non-structural
     settings, e.g. ``data.root`` when the data moved (structural keys must match: checkpoint.py).
     """
-    dev = resolve_device(device, DistInfo())
-    ckpt = load_checkpoint(checkpoint_path, map_location=dev)
-    cfg = config_from_dict(ckpt["config"], overrides)
-    check_compatible(ckpt["config"], config_to_dict(cfg), checkpoint_path)
+    cfg, model, backbone, ckpt, dev = load_trained(checkpoint_path, overrides, device)
     if cache_features is not None:
         cfg.backbone.cache_features = cache_features
-
-    backbone = build_backbone_for(cfg, dev)
     val = build_val_data(cfg, backbone, dev, progress, batch_size, num_workers)
-    model = EQUSSModel.from_config(cfg.model, int(ckpt["in_dim"]), int(ckpt["n_classes"])).to(dev)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    if backbone.embed_dim != int(ckpt["in_dim"]):
-        raise RuntimeError(
-            f"backbone {cfg.backbone.name} gives {backbone.embed_dim} channels but the checkpoint "
-            f"{os.path.basename(checkpoint_path)} was trained on {ckpt['in_dim']}"
-        )
     return LoadedRun(
         cfg=cfg, model=model, backbone=backbone, val=val, n_classes=int(ckpt["n_classes"]),
         class_names=list(ckpt["class_names"]), device=dev, checkpoint=ckpt, featurize=Featurizer(backbone, dev),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,6 +17,8 @@ from equss.ops import pq_assign
 from equss.ops.kmeans import product_kmeans
 
 __all__ = ["chance_level", "format_results", "kmeans_baseline", "majority_accuracy", "summarize"]
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -37,6 +41,7 @@ def kmeans_baseline(train_base, val_loader, featurize, n_classes, device, seed) 
         count += rows[-1].shape[0]
         if count >= budget:
             break
+    t0 = time.perf_counter()
     x = torch.cat(rows).unsqueeze(1)  # [P, 1, C], l2-normalised: spherical (cosine) k-means
     centroids, _ = product_kmeans(x, n_classes, iters=30, metric="dot", generator=g)
     cm = ConfusionMatrix(n_classes, n_clusters=n_classes)
@@ -48,6 +53,8 @@ def kmeans_baseline(train_base, val_loader, featurize, n_classes, device, seed) 
         pred = codes.reshape(B, 1, h, w).float()
         pred = F.interpolate(pred, size=label.shape[-2:], mode="nearest").long().squeeze(1)
         cm.update(pred.to(device), label)
+    log.info("k-means baseline: K=%d on %d backbone features, evaluated in %.1f s", n_classes, x.shape[0],
+             time.perf_counter() - t0)
     return {"cluster": cm.compute("hungarian")}
 
 
@@ -83,9 +90,11 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def format_results(result: dict[str, Any], cfg: TrainConfig) -> str:
+    random = cfg.backbone.name != "demo" and str(cfg.backbone.weights).lower() == "none"
     lines = [
-        f"## EQUSS results: {cfg.data.dataset}, backbone {cfg.backbone.name} "
-        f"(checkpoint: {result['selected']['select_on']}, step {result['selected']['step']})",
+        f"## EQUSS results: {cfg.data.dataset}, backbone {cfg.backbone.name}"
+        + (" with RANDOM weights (backbone.weights=none: not meaningful)" if random else "")
+        + f" (checkpoint: {result['selected']['select_on']}, step {result['selected']['step']})",
         "",
         "| method | cluster Acc | cluster mIoU | linear Acc | linear mIoU |",
         "| --- | --- | --- | --- | --- |",

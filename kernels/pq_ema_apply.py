@@ -1,13 +1,22 @@
 """Triton EMA codebook update: decay + Laplace smoothing + renormalisation, from one step's statistics.
 
 The statistics themselves come from :mod:`equss.kernels.pq_cluster_stats`. :func:`pq_ema_apply_triton_`
-is two launches. The first (one program per subspace) decays ``cluster_size`` and
-  reduces ``n_tot = Σ_k cluster_size``; the second (a 2-D grid over ``K·Ds`` elements and subspaces)
-  decays ``embed_sum`` and writes ``codebooks = embed_sum / smoothed`` with
-  ``smoothed_k = (cluster_size_k + eps)/(n_tot + K·eps)·n_tot``. Two launches because every element of
-  a subspace needs that subspace's complete ``n_tot``; a single launch would need a grid-wide barrier.
-  Divisions use ``div_rn`` (IEEE round-to-nearest, like PyTorch) rather than Triton's default
-  approximate fp32 division. A subspace with ``n_tot == 0`` keeps its codebook, as in the reference.
+is two launches:
+
+1. ``_ema_counts_kernel`` (one program per subspace) decays ``cluster_size`` in place and reduces
+   ``n_tot = Σ_k cluster_size`` (``M·K`` floats in, ``M·K + M`` out).
+2. ``_ema_codebook_kernel`` (a grid of ``[BLOCK_K, BLOCK_D]`` codeword tiles × subspaces) decays
+   ``embed_sum`` and writes ``codebooks = embed_sum / smoothed`` with ``smoothed_k = (cluster_size_k +
+   eps)/(n_tot + K·eps)·n_tot``, computed once per codeword row; per element it reads 8 bytes and writes
+   4 + the codebook width, in 16-byte vectors when ``Ds == 32`` (the ``EVEN_D`` variant), with no
+   division to find an element's codeword and one 64-bit offset per program.
+
+Two launches because every element of a subspace needs that subspace's complete ``n_tot`` while
+``cluster_size`` is updated in place: a program of a single launch could read a ``cluster_size`` entry
+that another program had already decayed (a grid-wide barrier, or a scratch copy, would be needed). Both
+kernels are memory-bound and tiny (4 MB moved at the EQUSS shape): their cost is the launches. Divisions
+use ``div_rn`` (IEEE round-to-nearest, like PyTorch) rather than Triton's default approximate fp32
+division. A subspace with ``n_tot == 0`` keeps its codebook, as in the reference.
 
 Semantics: :func:`equss.ops.reference.pq_ema_apply_ref_` (vector-quantize-pytorch's EuclideanCodebook).
 """
@@ -60,46 +69,65 @@ def _ema_codebook_kernel(
     one_minus_decay,
     eps,
     k_eps,  # K·eps, computed on the host in float64 like the reference's Python scalar
-    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,  # Ds == BLOCK_D: compile-time row stride (16-byte vectors), no column mask
 ):
-    m = tl.program_id(1).to(tl.int64)
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # flat (k, d) index within subspace m
-    mask = i < K * Ds
-    k = i // Ds
-    base = m * K * Ds
-    es = tl.load(es_ptr + base + i, mask=mask, other=0.0)
-    s = tl.load(sums_ptr + base + i, mask=mask, other=0.0)
-    es = es * decay + s * one_minus_decay
-    tl.store(es_ptr + base + i, es, mask=mask)
+    # A [BLOCK_K, BLOCK_D] tile of codewords of subspace m: the smoothed cluster size is computed once per
+    # codeword (row), and no element needs a division to find its codeword.
+    m = tl.program_id(1)
+    if EVEN_D:
+        DS = BLOCK_D
+    else:
+        DS = Ds
+    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    dd = tl.arange(0, BLOCK_D)
+    k_mask = ks < K
+    base = m.to(tl.int64) * K * DS  # the only 64-bit offset; within a subspace K·Ds < 2^31
     n_tot = tl.load(ntot_ptr + m)
-    if n_tot > 0.0:
-        cs = tl.load(cs_ptr + m * K + k, mask=mask, other=1.0)
-        smoothed = tl.math.div_rn(cs + eps, n_tot + k_eps) * n_tot
-        new = tl.math.div_rn(es, smoothed)
-        tl.store(cb_ptr + base + i, new.to(cb_ptr.dtype.element_ty), mask=mask)
+    cs = tl.load(cs_ptr + m * K + ks, mask=k_mask, other=1.0)
+    smoothed = tl.math.div_rn(cs + eps, n_tot + k_eps) * n_tot
+    for d0 in range(0, DS, BLOCK_D):
+        cols = d0 + dd
+        mask = k_mask[:, None] & (cols < DS)[None, :]
+        off = base + ks[:, None] * DS + cols[None, :]
+        es = tl.load(es_ptr + off, mask=mask, other=0.0)
+        s = tl.load(sums_ptr + off, mask=mask, other=0.0)
+        es = es * decay + s * one_minus_decay
+        tl.store(es_ptr + off, es, mask=mask)
+        if n_tot > 0.0:
+            new = tl.math.div_rn(es, smoothed[:, None])
+            tl.store(cb_ptr + off, new.to(cb_ptr.dtype.element_ty), mask=mask)
 
 
 @dataclass(frozen=True)
 class EmaConfig:
     kernel: str  # "counts" | "codebook"
     dtype: torch.dtype  # codebooks dtype ("codebook" kernel); float32 for "counts"
-    BLOCK: int
+    BLOCK: int  # "counts": codewords per step; "codebook": codewords (rows) per tile
+    even_d: bool = False  # "codebook": Ds == BLOCK_D
+    BLOCK_D: int = 32
     num_warps: int = 4
 
     def describe(self) -> str:
-        return f"ema_{self.kernel}[{C.TRITON_TYPE[self.dtype]}] BLOCK={self.BLOCK} warps={self.num_warps}"
+        if self.kernel == "counts":
+            return f"ema_counts[{C.TRITON_TYPE[self.dtype]}] BLOCK={self.BLOCK} warps={self.num_warps}"
+        d = f"Ds={self.BLOCK_D}" if self.even_d else f"BLOCK_D={self.BLOCK_D}"
+        return f"ema_codebook[{C.TRITON_TYPE[self.dtype]}] BLOCK_K={self.BLOCK} {d} warps={self.num_warps}"
 
 
 _COUNTS_BLOCK = 1024
-_CODEBOOK_BLOCK = 1024
+_CODEBOOK_BLOCK_K = 32  # 32 codewords × 32 columns: 8 elements (two 16-byte vectors) per thread
 CONFIGS: tuple[EmaConfig, ...] = (EmaConfig("counts", torch.float32, _COUNTS_BLOCK),) + tuple(
-    EmaConfig("codebook", dtype, _CODEBOOK_BLOCK) for dtype in C.KERNEL_DTYPES + (torch.float64,)
+    EmaConfig("codebook", dtype, _CODEBOOK_BLOCK_K, even_d=even)
+    for dtype in C.KERNEL_DTYPES + (torch.float64,)
+    for even in (True, False)
 )
 
 
-def pick_configs(codebooks_dtype: torch.dtype) -> tuple[EmaConfig, EmaConfig]:
+def pick_configs(codebooks_dtype: torch.dtype, Ds: int = 32) -> tuple[EmaConfig, EmaConfig]:
     """The two configurations :func:`pq_ema_apply_triton_` launches (members of :data:`CONFIGS`)."""
-    return CONFIGS[0], EmaConfig("codebook", codebooks_dtype, _CODEBOOK_BLOCK)
+    return CONFIGS[0], EmaConfig("codebook", codebooks_dtype, _CODEBOOK_BLOCK_K, even_d=Ds == 32)
 
 
 def pq_ema_apply_triton_(
@@ -116,12 +144,12 @@ def pq_ema_apply_triton_(
     decay = float(decay)
     one_minus = 1.0 - decay  # in float64 on the host, as the reference's alpha=1.0 - decay
     n_tot = torch.empty(M, dtype=torch.float32, device=codebooks.device)
-    cfg_a, cfg_b = pick_configs(codebooks.dtype)
+    cfg_a, cfg_b = pick_configs(codebooks.dtype, Ds)
     _ema_counts_kernel[(M,)](
         counts, cluster_size, n_tot, K, decay, one_minus, BLOCK=cfg_a.BLOCK, num_warps=cfg_a.num_warps
     )
     C.check_grid_dim(M, 65535, "M (subspaces, grid axis 1)")
-    grid = (triton.cdiv(K * Ds, cfg_b.BLOCK), M)
+    grid = (triton.cdiv(K, cfg_b.BLOCK), M)
     _ema_codebook_kernel[grid](
         sums,
         embed_sum,
@@ -134,7 +162,9 @@ def pq_ema_apply_triton_(
         one_minus,
         float(eps),
         K * float(eps),
-        BLOCK=cfg_b.BLOCK,
+        BLOCK_K=cfg_b.BLOCK,
+        BLOCK_D=cfg_b.BLOCK_D,
+        EVEN_D=cfg_b.even_d,
         num_warps=cfg_b.num_warps,
     )
 
@@ -144,10 +174,12 @@ def compile_spec(cfg: EmaConfig) -> tuple:
     if cfg.kernel == "counts":
         kernel, floats = _ema_counts_kernel, ("decay", "one_minus_decay")
         pointers = {"counts_ptr": "fp32", "cs_ptr": "fp32", "ntot_ptr": "fp32"}
+        constexprs = {"BLOCK": cfg.BLOCK}
     else:
         kernel, floats = _ema_codebook_kernel, ("decay", "one_minus_decay", "eps", "k_eps")
         pointers = {
             "sums_ptr": "fp32", "es_ptr": "fp32", "cs_ptr": "fp32", "ntot_ptr": "fp32",
             "cb_ptr": C.TRITON_TYPE[cfg.dtype],
         }
-    return C.aot_spec(kernel, pointers, floats, {"BLOCK": cfg.BLOCK}, {"num_warps": cfg.num_warps})
+        constexprs = {"BLOCK_K": cfg.BLOCK, "BLOCK_D": cfg.BLOCK_D, "EVEN_D": cfg.even_d}
+    return C.aot_spec(kernel, pointers, floats, constexprs, {"num_warps": cfg.num_warps})

@@ -1,29 +1,48 @@
-"""Triton segment sum by code: ``out[m, k] = Σ_{n: codes[n, m] = k} v[n, m]`` (and the counts), in fp32.
+"""Triton segment sum by code: ``sums[m, k] = Σ_{n: codes[n, m] = k} v[n, m]`` (and the counts).
 
 The reduction behind the gather backward (:mod:`equss.kernels.pq_gather`) and the EMA statistics
-(:mod:`equss.kernels.pq_cluster_stats`). One program owns a ``BLOCK_K × BLOCK_D`` tile of one
-subspace's output and a contiguous chunk of rows; per ``BLOCK_N`` rows it builds the on-chip one-hot
-tile ``[BLOCK_K, BLOCK_N]`` (never a K×N matrix in memory) and accumulates ``one_hot @ v`` with
-``tl.dot`` (tensor cores) into registers. Only at the end does it ``atomic_add`` its tile into the
-output, so the number of atomics is (#row chunks)·M·K·Ds instead of N·M·Ds. The kernel also counts the
-rows per codeword (one ``tl.sum`` per tile, cheaper than a second compiled variant).
+(:mod:`equss.kernels.pq_cluster_stats`). Shapes: ``v [N, M, Ds]``, ``codes [N, M]``, result
+``sums [M, K, Ds]`` and ``counts [M, K]``, float32 (float64 for float64 gradients).
 
-Precision: the one-hot factor is exact in every format and accumulation is fp32. float16/bfloat16
-values enter the tensor cores as they are (exact products). float32 values are split into three
-bfloat16 pieces ``v = v1 + v2 + v3`` (each residual is exact in fp32; 3 × 8 significant bits cover
-fp32's 24, so the representation error is ≤ 2⁻²⁴ relative, ≤ 2⁻²¹ under the interpreter, whose fp32 →
-bf16 conversion truncates) and summed with three bf16 tensor-core products: fewer registers and half
-the tensor-core time of ``input_precision="tf32x3"`` (which spilled on sm_80), while plain fp32 FMAs
-("ieee") would cost 2·K·N·Ds CUDA-core FLOPs. Atomic adds from different programs land in a
-nondeterministic order, so results may differ between runs in the last bits (counts are exact:
-integers below 2²⁴). Codes outside ``[0, K)`` contribute nothing.
+Two modes, both reading every value once and doing no one-hot products:
 
-Shapes: ``v [N, M, Ds]``, ``codes [N, M]``, result ``[M, K, Ds]`` (and ``[M, K]`` counts).
+* **Scatter** (the default; nondeterministic). ``v`` and ``codes`` are walked as ``N·M`` contiguous
+  *flat rows* ``r = n·M + m`` in tiles of ``BLOCK_R`` rows (one contiguous load of codes, one of values
+  per tile), grid-stride over a grid that is resident at once; the grid stride is a multiple of ``M``
+  (:func:`row_tile_programs`), so each row lane's subspace ``m = r mod M`` is computed once per program,
+  never per tile or element. Each row's Ds-vector is added into ``sums[m, code, :]`` by vector atomics
+  (sm_90: ``REDG.E.ADD.F32x4``, 16 bytes per thread, one 128-byte row = 4 sector reductions at L2), and
+  in statistics mode a ``+1.0`` goes into ``counts[m, code]`` (one 4-byte ``REDG`` per row). The order
+  in which the atomics land varies from run to run, so sums may differ in the last bits between runs
+  (counts never do: integers below 2²⁴ are exact in fp32 in any order). fp32 atomic adds flush
+  subnormal operands to zero (PTX ``red.add.f32``): a subnormal term counts as 0 (an absolute error
+  below 2⁻¹²⁶ per term). Shared-memory privatisation of the ``[K, Ds]`` tables would save the L2
+  atomic traffic, but Triton cannot scatter into shared memory.
+* **Sorted** (deterministic, bit-identical between runs and independent of the GPU). The flat rows are
+  stably sorted by ``m·K + code`` (``torch.sort``), segment boundaries found with ``torch.searchsorted``,
+  and one program per ``(m, k)`` (and Ds chunk) sums its rows in a fixed order (``BLOCK_R`` lanes, each
+  adding its rows in row order, then a fixed tree), writing sums and counts with plain stores. It costs
+  a sort of ``N·M`` keys and is load-imbalanced when one codeword holds most rows (its program reads them
+  alone), so it is opt-in: pass ``deterministic=True``, set ``EQUSS_DETERMINISTIC=1`` (``0`` forces
+  the scatter), or enable ``torch.use_deterministic_algorithms(True)``. float64 gradients (the gradcheck
+  dtype, whose reentrancy check compares two backward passes bit for bit) always use it.
+
+Statistics mode (``with_counts=True``, :func:`equss.ops.reference.pq_cluster_stats_ref`) skips *invalid*
+rows, whose fp32 squared norm is not finite, in-kernel: a row's atomics (or its lane's additions) are
+masked off, so a NaN never meets a sum (no ``0·NaN``). Gradient mode (``with_counts=False``) adds every
+row. Codes outside ``[0, K)`` contribute nothing in both. Accumulation is fp32 of the values rounded to
+fp32 (float64 statistics rows are rounded first, like the reference; float64 gradients are summed in
+float64); an element summing ``n`` terms is within ``(n + 1)·U·Σ|terms|`` of the exact sum in either
+mode (every term is added once, in the accumulation format: no splitting or rounding of the values).
+
+Offsets: a row's base offset is int64 (``N·M·Ds`` may pass 2³¹); per-element offsets within a tile and
+the offsets into ``[M, K, Ds]`` are int32 (the launcher checks ``M·K·Ds < 2³¹``).
 """
 
 from __future__ import annotations
 
-import itertools
+import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +50,19 @@ import triton
 import triton.language as tl
 from equss.kernels import _config as C
 
-__all__ = ["SegmentSumConfig", "CONFIGS", "pick_config", "segment_sum_triton", "as_int32_codes", "compile_spec"]
+__all__ = [
+    "SegmentSumConfig",
+    "CONFIGS",
+    "DETERMINISTIC_ENV",
+    "pick_config",
+    "resolve_deterministic",
+    "row_tile_programs",
+    "segment_sum_triton",
+    "as_int32_codes",
+    "compile_spec",
+]
+
+DETERMINISTIC_ENV = "EQUSS_DETERMINISTIC"
 
 
 def as_int32_codes(codes: torch.Tensor, K: int) -> torch.Tensor:
@@ -42,179 +73,334 @@ def as_int32_codes(codes: torch.Tensor, K: int) -> torch.Tensor:
     return codes.contiguous()
 
 
+def resolve_deterministic(deterministic: bool | None = None) -> bool:
+    """The argument, else ``$EQUSS_DETERMINISTIC`` (``1``/``0``), else ``torch.are_deterministic_algorithms_enabled()``."""
+    if deterministic is not None:
+        return bool(deterministic)
+    env = os.environ.get(DETERMINISTIC_ENV, "").strip().lower()
+    if env:
+        if env not in ("0", "1", "true", "false"):
+            raise ValueError(f"{DETERMINISTIC_ENV}={env!r} is not one of 0, 1, true, false")
+        return env in ("1", "true")
+    return torch.are_deterministic_algorithms_enabled()
+
+
+# --------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _pq_segment_sum_kernel(
-    v_ptr,  # [N, M, Ds] values to sum
-    codes_ptr,  # [N, M] int32
+def _columns(BLOCK_D: tl.constexpr, HALF: tl.constexpr):
+    """``arange(0, BLOCK_D)``; for 2-byte values written so the compiler sees runs of 4 contiguous columns
+    (not 8): their loads become 8-byte vectors laid out like the 4 × fp32 (16-byte) atomics they feed,
+    instead of 16-byte loads whose layout must be converted through shared memory (a round trip and two
+    barriers per tile). The bytes read are the same; the atomics stay 16-byte vectors."""
+    dd = tl.arange(0, BLOCK_D)
+    if HALF:
+        dd = (dd // 4) * 4 + dd % 4
+    return dd
+
+
+@triton.jit
+def _row_validity(x0, v_row, row_mask, dd, Ds, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """Per row of a tile: the fp32 squared norm over all Ds columns is finite. ``x0`` is the loaded first
+    chunk (columns ``[0, BLOCK_D)``); further chunks (Ds > BLOCK_D) are loaded again here."""
+    xf = x0.to(tl.float32)
+    sq = tl.sum(xf * xf, axis=1)
+    if not EVEN_D:
+        for d0 in range(BLOCK_D, Ds, BLOCK_D):
+            cols = d0 + dd
+            x = tl.load(v_row[:, None] + cols[None, :], mask=row_mask[:, None] & (cols < Ds)[None, :], other=0.0)
+            x = x.to(tl.float32)
+            sq += tl.sum(x * x, axis=1)
+    return sq < float("inf")  # False for +inf and NaN
+
+
+@triton.jit
+def _scatter_kernel(
+    v_ptr,  # [N, M, Ds] values, any float dtype
+    codes_ptr,  # [N, M] int32, -1 (or anything outside [0, K)) = no codeword
     sums_ptr,  # [M, K, Ds] fp32, zero-initialised, atomically accumulated
-    counts_ptr,  # [M, K] fp32, zero-initialised (always computed: one tl.sum per tile, cheaper than a variant)
-    N,
+    counts_ptr,  # [M, K] fp32, zero-initialised (STATS only)
+    NM,  # N·M flat rows
+    n_tiles,  # cdiv(NM, BLOCK_R)
     M,
     K,
     Ds,
-    rows_per_prog,  # multiple of BLOCK_N
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    SPLIT_FP32: tl.constexpr,  # fp32 values: sum three bf16 pieces (module docstring)
-    UPCAST: tl.constexpr,  # interpreter only (bf16 tl.dot is wrong there): run the same dots in fp32
+    EVEN_D: tl.constexpr,  # Ds == BLOCK_D: the row stride is a compile-time constant (16-byte vectors)
+    STATS: tl.constexpr,  # counts, and skip rows whose fp32 squared norm is not finite
+    HALF: tl.constexpr,  # 2-byte values (see _columns)
 ):
-    # Axis 0 runs over the (k, d) tiles of one row chunk, so programs that read the same rows are
-    # scheduled together and all but the first find them in L2.
-    pid_kd = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    m = tl.program_id(2).to(tl.int64)
-    num_d = tl.cdiv(Ds, BLOCK_D)
-    k_tile = pid_kd // num_d
-    d_tile = pid_kd % num_d
-    ks = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
-    dd = d_tile * BLOCK_D + tl.arange(0, BLOCK_D)
-    k_mask = ks < K
-    d_mask = dd < Ds
-    nn = tl.arange(0, BLOCK_N)
-
-    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    cnt = tl.zeros([BLOCK_K], dtype=tl.int32)
-    row_start = pid_r.to(tl.int64) * rows_per_prog
-    for r0 in range(0, rows_per_prog, BLOCK_N):
-        rows = row_start + r0 + nn
-        r_mask = rows < N
-        code = tl.load(codes_ptr + rows * M + m, mask=r_mask, other=-1)  # -1 matches no codeword
-        # Rows without a codeword are not even loaded: a NaN times a zero one-hot entry is still NaN.
-        has_code = r_mask & (code >= 0) & (code < K)
-        v = tl.load(
-            v_ptr + rows[:, None] * (M * Ds) + m * Ds + dd[None, :],
-            mask=has_code[:, None] & d_mask[None, :],
-            other=0.0,
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    if EVEN_D:
+        DS = BLOCK_D
+    else:
+        DS = Ds
+    i = tl.arange(0, BLOCK_R)
+    dd = _columns(BLOCK_D, HALF)
+    d_mask = dd < DS
+    # The launcher makes the grid stride nprog·BLOCK_R a multiple of M (or gives every program a single
+    # tile), so row i of every tile of this program has the same subspace: one 32-bit remainder per row
+    # and program, none in the loop.
+    m_off = ((pid * BLOCK_R + i) % M) * K
+    for tile in range(pid, n_tiles, nprog):
+        r0 = tl.cast(tile, tl.int64) * BLOCK_R
+        r_mask = i < NM - r0
+        code = tl.load(codes_ptr + r0 + i, mask=r_mask, other=-1)
+        # Every row of the tile is loaded (a row with an out-of-range code too: no load waits on a code),
+        # but only rows with a codeword (and, for statistics, a finite norm) reach an atomic.
+        v_row = v_ptr + r0 * DS + i * DS
+        x = tl.load(v_row[:, None] + dd[None, :], mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+        ok = r_mask & (code >= 0) & (code < K)
+        if STATS:
+            ok = ok & _row_validity(x, v_row, r_mask, dd, Ds, BLOCK_D, EVEN_D)
+        dst = (m_off + code) * DS
+        tl.atomic_add(
+            sums_ptr + dst[:, None] + dd[None, :],
+            x.to(sums_ptr.dtype.element_ty),
+            mask=ok[:, None] & d_mask[None, :],
+            sem="relaxed",
         )
-        hit = ks[:, None] == code[None, :]  # [BLOCK_K, BLOCK_N] on-chip one-hot
-        if SPLIT_FP32:
-            # v = v1 + v2 + v3 with bf16 pieces: each residual is exact in fp32, and 3 × 8 significant
-            # bits cover fp32's 24, so the three exact one-hot products lose (almost) nothing.
-            v1 = v.to(tl.bfloat16)
-            r = v - v1.to(tl.float32)
-            v2 = r.to(tl.bfloat16)
-            v3 = (r - v2.to(tl.float32)).to(tl.bfloat16)
-            if UPCAST:
-                h = hit.to(tl.float32)
-                v1, v2, v3 = v1.to(tl.float32), v2.to(tl.float32), v3.to(tl.float32)
+        if not EVEN_D:
+            for d0 in range(BLOCK_D, Ds, BLOCK_D):
+                cols = d0 + dd
+                c_mask = ok[:, None] & (cols < Ds)[None, :]
+                xc = tl.load(v_row[:, None] + cols[None, :], mask=c_mask, other=0.0)
+                tl.atomic_add(
+                    sums_ptr + dst[:, None] + cols[None, :], xc.to(sums_ptr.dtype.element_ty), mask=c_mask, sem="relaxed"
+                )
+        if STATS:
+            tl.atomic_add(counts_ptr + m_off + code, tl.full([BLOCK_R], 1.0, tl.float32), mask=ok, sem="relaxed")
+
+
+@triton.jit
+def _sorted_kernel(
+    v_ptr,  # [N·M, Ds] values (flat rows)
+    perm_ptr,  # [N·M] int64: flat rows stably sorted by m·K + code
+    bounds_ptr,  # [M·K + 1] int64: segment s = m·K + k is perm[bounds[s] : bounds[s + 1]]
+    sums_ptr,  # [M, K, Ds] fp32 or fp64, written (no initialisation needed)
+    counts_ptr,  # [M, K] fp32, written (STATS only)
+    Ds,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    STATS: tl.constexpr,
+):
+    s = tl.program_id(0).to(tl.int64)  # segment m·K + k
+    d_tile = tl.program_id(1)
+    i = tl.arange(0, BLOCK_R)
+    dd = tl.arange(0, BLOCK_D)
+    cols = d_tile * BLOCK_D + dd
+    c_mask = cols < Ds
+    start = tl.load(bounds_ptr + s)
+    end = tl.load(bounds_ptr + s + 1)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=sums_ptr.dtype.element_ty)
+    cnt = tl.zeros([BLOCK_R], dtype=tl.int32)
+    for j0 in range(start, end, BLOCK_R):
+        j_mask = i < end - j0
+        row = tl.load(perm_ptr + j0 + i, mask=j_mask, other=0)
+        v_row = v_ptr + row * Ds
+        x = tl.load(v_row[:, None] + cols[None, :], mask=j_mask[:, None] & c_mask[None, :], other=0.0)
+        ok = j_mask
+        if STATS:
+            if d_tile == 0:
+                x0 = x
             else:
-                h = hit.to(tl.bfloat16)
-            acc = tl.dot(h, v1, acc)
-            acc = tl.dot(h, v2, acc)
-            acc = tl.dot(h, v3, acc)
-        else:
-            if UPCAST:
-                v = v.to(tl.float32)
-            acc = tl.dot(hit.to(v.dtype), v, acc)
-        cnt += tl.sum(hit.to(tl.int32), axis=1)
-
-    out = sums_ptr + (m * K + ks[:, None]) * Ds + dd[None, :]
-    tl.atomic_add(out, acc, mask=k_mask[:, None] & d_mask[None, :], sem="relaxed")
-    tl.atomic_add(counts_ptr + m * K + ks, cnt.to(tl.float32), mask=k_mask & (d_tile == 0), sem="relaxed")
+                x0 = tl.load(v_row[:, None] + dd[None, :], mask=j_mask[:, None] & (dd < Ds)[None, :], other=0.0)
+            ok = ok & _row_validity(x0, v_row, j_mask, dd, Ds, BLOCK_D, False)
+            cnt += ok.to(tl.int32)
+        # A select, not a product: an invalid row's NaN/inf never meets the accumulator.
+        acc += tl.where(ok[:, None], x.to(acc.dtype), 0.0)
+    tl.store(sums_ptr + s * Ds + cols, tl.sum(acc, axis=0), mask=c_mask)
+    if STATS:
+        if d_tile == 0:
+            tl.store(counts_ptr + s, tl.sum(cnt, axis=0).to(tl.float32))
 
 
+# --------------------------------------------------------------------------------------------- configs
 @dataclass(frozen=True)
 class SegmentSumConfig:
-    dtype: torch.dtype  # of the summed values
-    BLOCK_D: int
-    num_warps: int
-    BLOCK_N: int = 64
-    BLOCK_K: int = 64
-    num_stages: int = 2
+    dtype: torch.dtype  # of the summed values (float64: gradients, summed in float64)
+    stats: bool  # counts + skip invalid rows (statistics) | plain sums (gather backward)
+    sorted: bool = False  # deterministic sorted segmented sum | atomic scatter
+    even_d: bool = False  # Ds == BLOCK_D (scatter only): compile-time row stride, no column mask
+    BLOCK_D: int = 32
+    BLOCK_R: int = 64
+    num_warps: int = 4
 
     @property
-    def split_fp32(self) -> bool:
-        return self.dtype == torch.float32
+    def half(self) -> bool:
+        return self.dtype in (torch.float16, torch.bfloat16)
 
     def describe(self) -> str:
+        kind = "sorted" if self.sorted else "scatter"
+        d = f"Ds={self.BLOCK_D}" if self.even_d else f"BLOCK_D={self.BLOCK_D}"
         return (
-            f"segment_sum[{C.TRITON_TYPE[self.dtype]}{',bf16x3' if self.split_fp32 else ''}] BLOCK_N={self.BLOCK_N} BLOCK_K={self.BLOCK_K} "
-            f"BLOCK_D={self.BLOCK_D} warps={self.num_warps} stages={self.num_stages}"
+            f"segment_sum_{kind}[{C.TRITON_TYPE[self.dtype]},{'stats' if self.stats else 'grad'}] "
+            f"BLOCK_R={self.BLOCK_R} {d} warps={self.num_warps}"
         )
 
 
-def _segment_sum_warps(dtype: torch.dtype) -> int:
-    # fp32 values are split into three bf16 tiles: 8 warps keep them in registers without spilling.
-    return 8 if dtype == torch.float32 else 4
+_BLOCK_D = 32  # one chunk of a row; Ds = 32 (the EQUSS width) is the compile-time-stride variant
+_SCATTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _scatter_rows(even_d: bool) -> int:
+    # Ds = 32: 64 rows (four 16-byte fp32 / 8-byte half loads and four 16-byte atomics per thread with 4
+    # warps; with 128 rows Triton moves the codes into the rows' layout through shared memory). Any other
+    # Ds: 32 rows, since a runtime row stride that is not a multiple of 16 leaves every element its own
+    # 64-bit address (150-220 registers at 64 rows).
+    return 64 if even_d else 32
+
+
+def _sorted_config(dtype: torch.dtype, stats: bool) -> SegmentSumConfig:
+    return SegmentSumConfig(dtype, stats, sorted=True, BLOCK_R=32)
 
 
 CONFIGS: tuple[SegmentSumConfig, ...] = tuple(
-    SegmentSumConfig(dtype, bd, _segment_sum_warps(dtype))
-    for dtype, bd in itertools.product(C.KERNEL_DTYPES, C.BLOCK_D_CHOICES)
+    SegmentSumConfig(dtype, stats, even_d=even, BLOCK_R=_scatter_rows(even))
+    for dtype in _SCATTER_DTYPES
+    for stats in (False, True)
+    for even in (True, False)
+) + tuple(_sorted_config(dtype, stats) for dtype in _SCATTER_DTYPES for stats in (False, True)) + (
+    _sorted_config(torch.float64, False),
 )
 
 
-def pick_config(dtype: torch.dtype, Ds: int) -> SegmentSumConfig:
-    return SegmentSumConfig(dtype, C.block_d(Ds), _segment_sum_warps(dtype))
+def pick_config(dtype: torch.dtype, Ds: int, stats: bool = True, deterministic: bool = False) -> SegmentSumConfig:
+    """The configuration :func:`segment_sum_triton` launches for values of ``dtype`` (float64 gradients:
+    the sorted kernel in float64; float64 statistics are summed as float32)."""
+    if dtype == torch.float64:
+        if stats:
+            dtype = torch.float32
+        else:
+            return _sorted_config(torch.float64, False)
+    if deterministic:
+        return _sorted_config(dtype, stats)
+    return SegmentSumConfig(dtype, stats, even_d=Ds == _BLOCK_D, BLOCK_R=_scatter_rows(Ds == _BLOCK_D))
 
 
-# Aim for this many programs per SM: enough to hide latency, few enough that the per-program atomics
-# (BLOCK_K·BLOCK_D each) stay a small fraction of the N·Ds values read.
-_PROGRAMS_PER_SM = 4
+def row_tile_programs(n_tiles: int, block_r: int, M: int, target: int) -> int:
+    """Grid size for a grid-stride loop over ``n_tiles`` tiles of ``block_r`` flat rows ``r = n·M + m``.
+
+    Either every program gets one tile (``n_tiles`` programs), or the stride ``programs·block_r`` is a
+    multiple of ``M``, so that row ``i`` of all the tiles of one program lies in the same subspace (the
+    kernels compute ``m`` once per row and program). ``target`` is the wanted number of programs.
+    """
+    q = M // math.gcd(M, block_r)  # programs must come in multiples of q
+    programs = max(1, target) // q * q or q  # at most target unless q itself is larger
+    return max(1, min(n_tiles, programs))
+
+
+# Programs per SM of the grid-stride scatter: all of them resident at once (no partial second wave), which
+# 8 programs × 4 warps are whenever the kernel needs ≤ 64 registers per thread (sm_90: 30-56 for the
+# Ds = 32 variants; scripts/triton_resources.py). 32 warps per SM keep ≥ 32 KB of loads in flight, more
+# than DRAM latency × bandwidth per SM (≈ 1000 cycles × 14.5 B/cycle).
+_PROGRAMS_PER_SM = 8
+
+
+def _segment_sum(
+    v: torch.Tensor, codes: torch.Tensor, K: int, stats: bool, deterministic: bool | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    N, M, Ds = v.shape
+    if v.dtype == torch.float64 and stats:
+        v = v.float()
+    v = v.contiguous()
+    acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+    cfg = pick_config(v.dtype, Ds, stats, resolve_deterministic(deterministic))
+    if M * K * Ds >= 2**31:
+        raise ValueError(f"equss.kernels: M·K·Ds = {M * K * Ds} must be below 2^31 (int32 offsets into the sums)")
+    codes = as_int32_codes(codes, K)
+    alloc = torch.empty if cfg.sorted else torch.zeros
+    sums = alloc(M, K, Ds, dtype=acc, device=v.device)
+    counts = alloc(M, K, dtype=torch.float32, device=v.device) if stats else None
+    if N == 0:
+        return sums.zero_(), counts.zero_() if stats else None
+    if counts is not None:
+        dummy = counts
+    else:  # an fp32 pointer the kernel never touches (STATS=False), as the compiled signature has it
+        dummy = sums if acc == torch.float32 else torch.empty(1, dtype=torch.float32, device=v.device)
+    if cfg.sorted:
+        key = torch.where(codes >= 0, codes + torch.arange(M, device=v.device, dtype=torch.int32) * K, -1)
+        sorted_key, perm = torch.sort(key.reshape(-1), stable=True)
+        bounds = torch.searchsorted(sorted_key, torch.arange(M * K + 1, device=v.device, dtype=torch.int32))
+        C.check_grid_dim(triton.cdiv(Ds, cfg.BLOCK_D), 65535, "Ds chunks (grid axis 1)")
+        _sorted_kernel[(M * K, triton.cdiv(Ds, cfg.BLOCK_D))](
+            v,
+            perm,
+            bounds,
+            sums,
+            dummy,
+            Ds,
+            BLOCK_R=cfg.BLOCK_R,
+            BLOCK_D=cfg.BLOCK_D,
+            STATS=stats,
+            num_warps=cfg.num_warps,
+        )
+    else:
+        n_tiles = triton.cdiv(N * M, cfg.BLOCK_R)
+        grid = (row_tile_programs(n_tiles, cfg.BLOCK_R, M, _PROGRAMS_PER_SM * C.sm_count(v.device)),)
+        _scatter_kernel[grid](
+            v,
+            codes,
+            sums,
+            dummy,
+            N * M,
+            n_tiles,
+            M,
+            K,
+            Ds,
+            BLOCK_R=cfg.BLOCK_R,
+            BLOCK_D=cfg.BLOCK_D,
+            EVEN_D=cfg.even_d,
+            STATS=stats,
+            HALF=cfg.half,
+            num_warps=cfg.num_warps,
+        )
+    return sums, counts
 
 
 def segment_sum_triton(
-    v: torch.Tensor, codes: torch.Tensor, K: int, with_counts: bool
+    v: torch.Tensor, codes: torch.Tensor, K: int, with_counts: bool, *, deterministic: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``sums[m, k] = Σ_{n: codes[n,m]=k} v[n, m]`` (``[M, K, Ds]`` fp32) and optionally ``counts [M, K]`` fp32.
 
     ``v [N, M, Ds]`` in any float dtype (float64 is summed as float32, like the reference); ``codes
-    [N, M]`` int32/int64. Codes outside ``[0, K)`` contribute nothing.
+    [N, M]`` int32/int64. Codes outside ``[0, K)`` contribute nothing. ``with_counts=True`` is the
+    statistics mode: rows whose fp32 squared norm is not finite enter neither sums nor counts.
+    ``deterministic``: the sorted kernel (module docstring); ``None`` asks :func:`resolve_deterministic`.
     """
-    N, M, Ds = v.shape
     if v.dtype == torch.float64:
         v = v.float()
-    v = v.contiguous()
-    codes = as_int32_codes(codes, K)
-    sums = torch.zeros(M, K, Ds, dtype=torch.float32, device=v.device)
-    counts = torch.zeros(M, K, dtype=torch.float32, device=v.device)
-    if N == 0:
-        return sums, counts if with_counts else None
-    cfg = pick_config(v.dtype, Ds)
-    kd_tiles = triton.cdiv(K, cfg.BLOCK_K) * triton.cdiv(Ds, cfg.BLOCK_D)
-    row_blocks = triton.cdiv(N, cfg.BLOCK_N)
-    chunks = max(
-        1, min(row_blocks, 65535, triton.cdiv(_PROGRAMS_PER_SM * C.sm_count(v.device), M * kd_tiles))
-    )
-    rows_per_prog = triton.cdiv(row_blocks, chunks) * cfg.BLOCK_N
-    chunks = triton.cdiv(N, rows_per_prog)
-    C.check_grid_dim(M, 65535, "M (subspaces, grid axis 2)")
-    grid = (kd_tiles, chunks, M)
-    _pq_segment_sum_kernel[grid](
-        v,
-        codes,
-        sums,
-        counts,
-        N,
-        M,
-        K,
-        Ds,
-        rows_per_prog,
-        BLOCK_N=cfg.BLOCK_N,
-        BLOCK_K=cfg.BLOCK_K,
-        BLOCK_D=cfg.BLOCK_D,
-        # Under the interpreter bf16 tl.dot is wrong: fp32 (split into bf16 pieces) and bf16 upcast there.
-        SPLIT_FP32=cfg.split_fp32,
-        UPCAST=v.device.type != "cuda" and v.dtype != torch.float16,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    return sums, counts if with_counts else None
+    return _segment_sum(v, codes, int(K), bool(with_counts), deterministic)
 
 
 def compile_spec(cfg: SegmentSumConfig) -> tuple:
     """``(kernel, signature, constexprs, options)`` for ahead-of-time ``triton.compile`` of ``cfg``."""
+    acc = "fp64" if cfg.dtype == torch.float64 else "fp32"
+    if cfg.sorted:
+        return C.aot_spec(
+            _sorted_kernel,
+            pointers={
+                "v_ptr": C.TRITON_TYPE[cfg.dtype],
+                "perm_ptr": "i64",
+                "bounds_ptr": "i64",
+                "sums_ptr": acc,
+                "counts_ptr": "fp32",
+            },
+            floats=(),
+            constexprs={"BLOCK_R": cfg.BLOCK_R, "BLOCK_D": cfg.BLOCK_D, "STATS": cfg.stats},
+            options={"num_warps": cfg.num_warps},
+        )
     return C.aot_spec(
-        _pq_segment_sum_kernel,
-        pointers={"v_ptr": C.TRITON_TYPE[cfg.dtype], "codes_ptr": "i32", "sums_ptr": "fp32", "counts_ptr": "fp32"},
+        _scatter_kernel,
+        pointers={"v_ptr": C.TRITON_TYPE[cfg.dtype], "codes_ptr": "i32", "sums_ptr": acc, "counts_ptr": "fp32"},
         floats=(),
         constexprs={
-            "BLOCK_N": cfg.BLOCK_N,
-            "BLOCK_K": cfg.BLOCK_K,
+            "BLOCK_R": cfg.BLOCK_R,
             "BLOCK_D": cfg.BLOCK_D,
-            "SPLIT_FP32": cfg.split_fp32,
-            "UPCAST": False,
+            "EVEN_D": cfg.even_d,
+            "STATS": cfg.stats,
+            "HALF": cfg.half,
         },
-        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+        options={"num_warps": cfg.num_warps},
     )

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The paper's analyses of a trained EQUSS model (its figure "Analyses on EQUSS", EQUSS_SPEC §11).
+"""The paper's analyses of a trained EQUSS model (its figure "Analyses on EQUSS", docs/method.md §10).
 
 Over the validation split: (a) per-class entropy of the PQ codes, beside the same statistic for the
 frozen backbone's continuous features quantized by a k-means product codebook with the same M and K
@@ -19,8 +19,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from equss.cli import add_common_arguments, run_main  # noqa: E402
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by scripts/train.py")
     p.add_argument("--out-dir", default=None, help="where to write (default: <checkpoint dir>/analysis)")
@@ -30,8 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip the k-means product quantization of the backbone features (the reference model)")
     p.add_argument("--reference-pixels", type=int, default=100_000,
                    help="backbone feature vectors used to fit the reference product codebook (default 100k)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="non-structural config overrides")
-    return p.parse_args(argv)
+    add_common_arguments(p)
+    return p
 
 
 def _backbone_subspaces(C: int, M: int) -> int:
@@ -39,15 +41,14 @@ def _backbone_subspaces(C: int, M: int) -> int:
     return max(m for m in range(1, M + 1) if C % m == 0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main_from_args(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
-    from tqdm.auto import tqdm
 
     from equss.analysis import CodeHistogram, fit_product_kmeans, quantize, run_analyses
     from equss.evaluate import evaluate_model
     from equss.pipeline import load_run
+    from equss.progress import Progress
 
     run = load_run(args.checkpoint, args.overrides, device=args.device, batch_size=args.batch_size)
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "analysis")
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hist = CodeHistogram(run.n_classes, M, K)
     with torch.no_grad():
-        for batch in tqdm(run.val.loader, desc="codes"):
+        for batch in Progress(run.val.loader, desc="codes", unit="batch"):
             label = batch["label"].to(run.device)
             f = run.featurize(batch)
             hist.update(pixel_codes(run.model.encode(f).codes, label.shape[-2:]), label.reshape(-1))
@@ -103,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in sorted(files.items()):
         print(f"{name}: {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(main_from_args, build_parser(), argv)
 
 
 if __name__ == "__main__":

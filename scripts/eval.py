@@ -2,7 +2,7 @@
 """Evaluate a trained EQUSS checkpoint with the standard unsupervised-segmentation protocol.
 
 Cluster probe with Hungarian matching and linear probe, pixel accuracy and mIoU over the whole
-validation split at the protocol resolution (EQUSS_SPEC §9), optionally with DenseCRF (``--crf``,
+validation split at the protocol resolution (docs/method.md §9), optionally with DenseCRF (``--crf``,
 needs ``pip install 'equss[crf]'``) and horizontal-flip averaging (``--flip``). Writes per-class tables
 (JSON, CSV), a summary (results.json / results.md) and a picture grid
 (image | ground truth | cluster prediction | linear prediction).
@@ -20,8 +20,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from equss.cli import add_common_arguments, run_main  # noqa: E402
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by scripts/train.py (best.ckpt / last.ckpt)")
     p.add_argument("--out-dir", default=None, help="where to write results (default: <checkpoint dir>/eval)")
@@ -34,13 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=None, help="data loader workers (default: the run's)")
     p.add_argument("--num-images", type=int, default=8, help="rows of the picture grid (0 = none)")
     p.add_argument("--no-cache-features", action="store_true", help="run the backbone instead of the feature cache")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="non-structural config overrides, e.g. data.root=/new/place")
-    return p.parse_args(argv)
+    add_common_arguments(p)
+    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main_from_args(args: argparse.Namespace) -> int:
     import torch
 
     from equss.evaluate import evaluate_model
@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"picture grid: {path}")
     print(f"results written to {out_dir}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(main_from_args, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ Examples:
     torchrun --nproc_per_node 4 scripts/train.py --config configs/cityscapes_vitb8.yaml data.root=/data/cityscapes
     python scripts/train.py --resume runs/synthetic_demo/last.ckpt
 
-Any configuration key (docs/configuration.md; defaults in equss/config.py) can be overridden as key=value.
+Any configuration key (docs/configuration.md; defaults in equss/config.py) can be overridden as key=value,
+anywhere on the line. Errors are printed as one line; --debug shows the traceback.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from equss.cli import add_common_arguments, run_main  # noqa: E402
 from equss.config import DEFAULT_CONFIG, load_config  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
@@ -48,16 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="training epochs (paper: COCO-Stuff 3, Cityscapes 15)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides, e.g. optim.lr=1e-4")
-    args = p.parse_args(argv)
-    for o in args.overrides:
-        if "=" not in o:
-            p.error(f"override {o!r} is not of the form key=value")
-    return args
+    add_common_arguments(p)
+    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main_from_args(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.output_dir is not None:
         overrides.append(f"output_dir={args.output_dir}")
@@ -84,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
 
     run(cfg, resume=args.resume)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(main_from_args, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,14 @@ def _cuobjdump() -> str:
     return path
 
 
+def cuobjdump(cubin: bytes, *flags: str) -> str:
+    """Output of the bundled ``cuobjdump <flags>`` (``--dump-resource-usage``, ``--dump-sass``) on a cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([_cuobjdump(), *flags, f.name], capture_output=True, text=True, check=True).stdout
+
+
 def parse_resource_usage(text: str) -> dict[str, int]:
     """REG/STACK/SHARED/LOCAL of the (single) function in ``cuobjdump --dump-resource-usage`` output."""
     fields = {}
@@ -143,13 +151,7 @@ def compile_one(job: tuple[str, int, int]) -> dict:
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         row["compile_s"] = round(time.perf_counter() - t0, 3)
         row["ptx_bytes"] = len(compiled.asm["ptx"])
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(compiled.asm["cubin"])
-            f.flush()
-            dump = subprocess.run(
-                [_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
-            )
-        usage = parse_resource_usage(dump.stdout)
+        usage = parse_resource_usage(cuobjdump(compiled.asm["cubin"], "--dump-resource-usage"))
         row.update(usage)
         row["dynamic_shared"] = int(compiled.metadata.shared)
         row["total_shared"] = row["shared"] + row["dynamic_shared"]
@@ -212,16 +214,16 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_readme(path: str, table: str) -> bool:
+def write_readme(path: str, table: str, start: str = START_MARKER, end: str = END_MARKER) -> bool:
     """Replace the text between the markers of ``path``; False (file untouched) if it has no markers."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    if START_MARKER not in text or END_MARKER not in text:
+    if start not in text or end not in text:
         return False
-    head, rest = text.split(START_MARKER, 1)
-    _, tail = rest.split(END_MARKER, 1)
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
     with open(path, "w", encoding="utf-8") as f:
-        f.write(f"{head}{START_MARKER}\n{table}{END_MARKER}{tail}")
+        f.write(f"{head}{start}\n{table}{end}{tail}")
     return True
 
 

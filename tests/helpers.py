@@ -265,7 +265,7 @@ def assert_segment_sum(got: torch.Tensor, values, codes, K, keep=None, extra_ulp
 
 
 def ema64(counts, sums, cluster_size, embed_sum, codebooks, decay: float, eps: float):
-    """The EMA codebook update written out in float64, term by term (EQUSS_SPEC §4, reference.py).
+    """The EMA codebook update written out in float64, term by term (docs/method.md §4, reference.py).
 
     Returns ``(cluster_size, embed_sum, codebooks, n_tot)`` in float64; a subspace with ``n_tot = 0``
     keeps its codebook.

@@ -396,3 +396,67 @@ def test_default_weights_offline_fails_fast_with_hint(monkeypatch, tmp_path):
     assert "dino_deitsmall16_pretrain.pth" in str(err.value)
     # Without offline mode huggingface_hub retries for ~47 s; offline it must fail at once (generous bound).
     assert elapsed < 20, f"offline failure took {elapsed:.1f} s"
+
+
+# ---------------------------------------------------------------------------------------------- DINOv2
+def _official_dinov2_state(vit) -> dict:
+    """A timm DINOv2 model's weights in the layout of DINOv2's released files (facebookresearch/dinov2):
+    ``mask_token``; with registers ``register_tokens`` and a position embedding that covers the CLS token,
+    whose own embedding then does not include it (the inverse of the conversion under test)."""
+    state = {k: v.clone() for k, v in vit.state_dict().items()}
+    state["mask_token"] = torch.zeros(1, vit.embed_dim)
+    if "reg_token" in state:
+        cls_pos = 0.05 * torch.randn(1, 1, vit.embed_dim)
+        state["register_tokens"] = state.pop("reg_token")
+        state["pos_embed"] = torch.cat([cls_pos, state["pos_embed"]], dim=1)
+        state["cls_token"] = state["cls_token"] - cls_pos
+    return state
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
+def test_dinov2_official_checkpoint_loads_every_weight_and_reproduces_features(name, tmp_path):
+    from equss.models.backbone import BACKBONES
+
+    spec = BACKBONES[name]
+    torch.manual_seed(7)
+    source = timm.create_model(spec.timm_name.split(".")[0], pretrained=False, num_classes=0,
+                               dynamic_img_size=True).eval()
+    with torch.no_grad():  # LayerScale starts at 1e-5: make the blocks matter
+        for key, prm in source.named_parameters():
+            if key.endswith(("ls1.gamma", "ls2.gamma")) or "reg_token" in key:
+                prm.normal_(0, 0.5)
+    path = tmp_path / spec.dino_checkpoint
+    torch.save(_official_dinov2_state(source), path)
+    bb = build_backbone(name, weights=str(path))
+    assert (bb.patch_size, bb.embed_dim) == (14, 384)
+    # At the official 37×37 grid no resampling happens: exactly timm's features of the source model.
+    x = torch.randn(1, 3, 518, 518)
+    tok = source.forward_features(x)[:, source.num_prefix_tokens :]
+    torch.testing.assert_close(bb(x), tok.reshape(1, 37, 37, -1).permute(0, 3, 1, 2), rtol=1e-5, atol=1e-5)
+    # Protocol resolutions: 224 → 16×16 features, 322 → 23×23.
+    assert bb(torch.randn(2, 3, 224, 224)).shape == (2, 384, 16, 16)
+    assert bb(torch.randn(1, 3, 322, 322)).shape == (1, 384, 23, 23)
+    state = torch.load(path)
+    del state["blocks.3.ls2.gamma"]
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match=r"missing keys \(1\): \['blocks.3.ls2.gamma'\]"):
+        build_backbone(name, weights=str(tmp_path / "broken.pth"))
+
+
+@pytest.mark.slow
+def test_dinov2_config_trains_on_the_embedded_data_with_random_weights(tmp_path):
+    from equss.config import load_config
+    from equss.train import run
+
+    cfg = load_config("cocostuff27_dinov2_vits14_reg4.yaml", [
+        "data.dataset=synthetic", "data.crop=none", "data.root=null", "data.synthetic.num_train=16",
+        "data.synthetic.num_val=4", "data.train_res=56", "data.val_res=56", "data.batch_size=8",
+        "data.val_batch_size=4", "data.num_workers=0", "data.knn_k=8", "backbone.weights=none",
+        "model.dim=64", "model.num_subspaces=8", "model.codebook_size=16", "loss.feature_samples=4",
+        "loss.neg_samples=1", "optim.max_steps=2", "eval.every=2", "eval.crf=false", "eval.kmeans_baseline=false",
+        "log.progress=false", "log.tensorboard=false", f"output_dir={tmp_path / 'run'}",
+        f"backbone.cache_dir={tmp_path / 'cache'}",
+    ])
+    result = run(cfg)
+    assert result["no_crf"]["cluster"].n_pixels == 4 * 56 * 56
+    assert (tmp_path / "run" / "stego_shifts.png").is_file()  # loss.preset=auto measured the shifts

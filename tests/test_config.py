@@ -71,7 +71,7 @@ def test_load_default_and_override_types():
         ("eval.every=0", r"eval\.every: must be >= 1"),
         ("model.quantizer.init=foo", r"model\.quantizer: ProductQuantizer: unknown init 'foo'"),
         ("model.num_subspaces=7", r"model\.num_subspaces: must divide model\.dim"),
-        ("loss.preset=nope", r"loss\.preset: 'nope' is not one of"),
+        ("loss.preset=nope", r"loss\.preset: 'nope' is not 'auto' or one of"),
         ("optim.amp=fp8", r"optim\.amp: 'fp8' is not one of"),
         ("data.dataset=cocostuff27", r"data\.root: dataset 'cocostuff27' needs its root"),
         ("data.knn_k=5", r"data\.num_neighbors: must be smaller than data\.knn_k=5"),
@@ -110,3 +110,36 @@ def test_round_trip_through_a_dict():
     cfg = load_config(None, ["seed=3", "model.quantizer.beta=0.5"])
     again = config_from_dict(config_to_dict(cfg))
     assert config_to_dict(again) == config_to_dict(cfg)
+
+
+def _leaf_keys(cls, prefix=""):
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory()):
+            yield from _leaf_keys(type(f.default_factory()), prefix + f.name + ".")
+        else:
+            yield prefix + f.name
+
+
+def test_every_key_is_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    keys = list(_leaf_keys(TrainConfig))
+    assert len(keys) > 60
+    # A key is documented when it appears in backticks, alone or as the first of a group (`a.b`, `.c`).
+    missing = [k for k in keys if f"`{k}`" not in doc and f"`.{k.rsplit('.', 1)[-1]}`" not in doc
+               and f"`{k}," not in doc]
+    assert not missing, f"keys missing from docs/configuration.md: {missing}"
+
+
+def test_nothing_points_outside_the_repository():
+    """Docs, help texts and docstrings cite files inside the repository only."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    outside = ("EQUSS" + "_SPEC", "DESIGN" + ".md", "shared" + "/EQUSS")
+    hits = [f for f in files if Path(root / f).suffix in {".py", ".md", ".yaml", ".sh", ".cpp", ".cu", ".h", ".cuh"}
+            and any(o in (root / f).read_text(errors="ignore") for o in outside)]
+    assert not hits, hits

@@ -1,6 +1,6 @@
 """Datasets, input pipeline, five-crop and kNN of equss.data on tiny fake trees in each standard layout.
 
-Expected labels are hand-written tables here (from EQUSS_SPEC §8), never the mappings under test.
+Expected labels are hand-written tables here (from docs/method.md §8), never the mappings under test.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def test_photometric_copy_and_geometric_alignment():
 
 # ----------------------------------------------------------------------------------------- COCO-Stuff
 
-# (fine id, coarse 27, stuff-15, 3-class) written by hand from EQUSS_SPEC §8
+# (fine id, coarse 27, stuff-15, 3-class) written by hand from docs/method.md §8
 COCO_CASES = [
     (0, 9, -1, -1), (5, 11, -1, -1), (12, 8, -1, -1), (20, 7, -1, -1), (30, 6, -1, -1), (40, 10, -1, -1),
     (45, 5, -1, -1), (55, 2, -1, -1), (65, 3, -1, -1), (73, 0, -1, -1), (80, 1, -1, -1), (85, 4, -1, -1),

@@ -14,14 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("equss.kernels",)),
     ("ops", ("equss.ops", "equss.backends")),
-    ("foundations", ("equss.io", "equss.normalization", "equss.palettes", "equss.runtime", "equss.checkpoint",
+    ("foundations", ("equss.io", "equss.normalization", "equss.palettes", "equss.runtime", "equss.checkpoint", "equss.progress",
                      "equss.losses")),
     ("layers", ("equss.nn",)),
     ("models/data", ("equss.models", "equss.data")),
     ("config", ("equss.config",)),
     ("evaluation", ("equss.evaluate", "equss.crf", "equss.report", "equss.analysis", "equss.visualize")),
     ("pipeline", ("equss.pipeline",)),
-    ("applications", ("equss.train", "equss.predict")),
+    ("applications", ("equss.train", "equss.predict", "equss.cli")),
 ]
 SIBLINGS = [("equss.models", "equss.data"), ("equss.train", "equss.predict")]
 

@@ -1,4 +1,4 @@
-"""STEGO correspondence loss against hand-computed values (EQUSS_SPEC §5)."""
+"""STEGO correspondence loss against hand-computed values (docs/method.md §5)."""
 
 from __future__ import annotations
 

@@ -44,6 +44,27 @@ def test_forward_bit_exact(backend, shape, dtype, code_dtype):
     assert torch.equal(out.cpu(), _expected(codes, cb))
 
 
+@pytest.mark.parametrize("dtype", ALL_FLOAT_DTYPES, ids=str)
+def test_forward_copies_every_bit(backend, dtype):
+    """A copy, not arithmetic: NaNs with payloads and either sign, ±0, ±inf and subnormals come out with
+    the codebook's exact bit patterns (compared as integers)."""
+    itype = {2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.empty((), dtype=dtype).element_size()]
+    M, K, Ds = 2, 6, 5
+    bits = torch.randint(-(2**15), 2**15, (M, K, Ds), generator=gen(36)).to(itype)
+    cb = bits.view(dtype).clone()
+    tiny = torch.finfo(dtype).tiny
+    specials = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), -0.0, tiny / 4, -tiny / 8])
+    cb.view(-1)[: len(specials)] = specials.to(dtype)
+    payload = torch.tensor(0x7F800001 if dtype == torch.float32 else (0x7C01 if dtype == torch.float16 else 0x7F81))
+    if dtype == torch.float64:
+        payload = torch.tensor(0x7FF0000000000001)
+    cb.view(itype).view(-1)[7] = payload.to(itype)  # a signalling NaN (quiet bit clear): not canonicalised
+    codes = torch.randint(0, K, (40, M), generator=gen(37))
+    codes[: K, 0] = torch.arange(K)  # every codeword of subspace 0 at least once
+    out = equss.pq_gather(backend.to(codes), backend.to(cb)).cpu()
+    assert torch.equal(out.view(itype), _expected(codes, cb.view(itype)))
+
+
 def test_non_contiguous(backend):
     cb = backend.to(torch.randn(6, 4, 3, generator=gen(28))).permute(1, 0, 2)  # [M=4, K=6, Ds=3] view
     codes = backend.to(torch.randint(0, 6, (4, 19), generator=gen(29))).t()

@@ -110,3 +110,25 @@ def test_upsample_to():
     ramp = torch.arange(2.0).view(1, 1, 1, 2).expand(1, 1, 2, 2)
     # align_corners=False: output pixel centres at (j + 0.5)/2 − 0.5 of the input grid → 0, 0.25, 0.75, 1
     assert upsample_to(ramp, (2, 4))[0, 0, 0].tolist() == [0.0, 0.25, 0.75, 1.0]
+
+
+@pytest.mark.parametrize("h,w,H,W", [(4, 6, 12, 18), (5, 3, 40, 17), (7, 7, 7, 30), (1, 4, 3, 9)])
+def test_cluster_loss_at_label_size_equals_upsample_then_loss(h, w, H, W):
+    """The authors' training loss: q upsampled bilinearly to the label size, then −mean of the best cosine.
+    Computed without the upsampled tensor; it must equal the naive form in value and centroid gradient."""
+    from equss.nn.probes import _upsampled_norm
+
+    torch.manual_seed(0)
+    probe = ClusterProbe(16, 3, extra_clusters=1)
+    x = torch.randn(5, 16, h, w, dtype=torch.float64)
+    probe.double()
+    up = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(_upsampled_norm(x, (H, W)), up.norm(dim=1), rtol=1e-6, atol=1e-9)
+    naive = -probe(up).max(1).values.mean()
+    (g_naive,) = torch.autograd.grad(naive, probe.clusters)
+    fast = probe.loss(x, size=(H, W))
+    (g_fast,) = torch.autograd.grad(fast, probe.clusters)
+    torch.testing.assert_close(fast.double(), naive, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(g_fast, g_naive, rtol=1e-5, atol=1e-9)
+    if (h, w) != (H, W):
+        assert not torch.allclose(probe.loss(x), naive)  # the feature-resolution loss is another number

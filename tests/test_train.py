@@ -203,3 +203,91 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert ckpt["step"] == 4
     rows = _read_csv(tmp_path / "run" / "train_log.csv")
     assert len(rows) == 4  # rank 0 logs once per step, rank 1 never
+
+
+def test_cold_and_warm_caches_give_the_same_run(tmp_path):
+    """A run is a pure function of its configuration and seed: building the feature caches and the kNN
+    table (cold) or reading them (warm) must not change a single logged number."""
+    from equss.train import run
+
+    cache = tmp_path / "shared_cache"
+    logs = []
+    for name in ("cold", "warm"):
+        run(load_config(None, [*TINY, f"output_dir={tmp_path / name}", f"backbone.cache_dir={cache}",
+                               "optim.max_steps=6"]))
+        logs.append(((tmp_path / name / "train_log.csv").read_text(), (tmp_path / name / "val_log.csv").read_text()))
+    assert (cache / "nns").is_dir() and any((cache / "features").iterdir())
+    assert logs[0] == logs[1]
+
+
+def test_collapse_guard_warns_once_per_kind_after_warmup():
+    from equss.train import CollapseGuard
+
+    g = CollapseGuard(n_clusters=6)
+    healthy = {"pq_usage": 0.5, "clusters_used": 6.0}
+    assert all(g.update(healthy) == [] for _ in range(30))
+    warnings = []
+    for _ in range(60):  # usage and clusters collapse; the smoothed values cross the thresholds later
+        warnings += g.update({"pq_usage": 0.01, "clusters_used": 1.0})
+    assert len(warnings) == 2
+    usage = [w for w in warnings if "codebook usage" in w]
+    clusters = [w for w in warnings if "cluster probe predicts only" in w]
+    assert len(usage) == 1 and "dead_code_steps" in usage[0]
+    assert len(clusters) == 1 and "cluster_init=kmeans" in clusters[0]
+    early = CollapseGuard(n_clusters=6)
+    assert all(early.update({"pq_usage": 0.0, "clusters_used": 0.0}) == [] for _ in range(CollapseGuard.WARMUP - 1))
+
+
+def _scene_folder(root, labelled: bool, n_train: int = 16, n_val: int = 6):
+    """An image folder in the documented layout, from generated scenes (3 texture classes)."""
+    import numpy as np
+    from PIL import Image
+
+    from equss.data.synthetic import generate_scene
+
+    for split, n in (("train", n_train), ("val", n_val)):
+        (root / "imgs" / split).mkdir(parents=True)
+        if labelled:
+            (root / "labels" / split).mkdir(parents=True)
+        for i in range(n):
+            img, label = generate_scene(3, split, i, 64, 3)
+            Image.fromarray(img).save(root / "imgs" / split / f"scene_{i}.png")
+            if labelled:
+                Image.fromarray(label.astype(np.uint8)).save(root / "labels" / split / f"scene_{i}.png")
+
+
+IMAGEFOLDER = [o for o in TINY if not o.startswith("data.synthetic")] + [
+    "data.dataset=imagefolder", "optim.max_steps=3", "data.knn_k=8", "data.num_neighbors=3",
+]
+
+
+def test_labelled_image_folder_trains_with_classes_inferred(tmp_path, caplog):
+    import logging
+
+    from equss.train import run
+
+    _scene_folder(tmp_path / "data", labelled=True)
+    with caplog.at_level(logging.INFO, logger="equss"):
+        result = run(load_config(None, [*IMAGEFOLDER, f"data.root={tmp_path / 'data'}",
+                                        f"output_dir={tmp_path / 'run'}", f"backbone.cache_dir={tmp_path / 'c'}"]))
+    assert any("3 classes inferred from the label PNGs" in r.message for r in caplog.records)
+    assert result["no_crf"]["cluster"].n_classes == 3 and result["no_crf"]["cluster"].n_pixels == 6 * 64 * 64
+
+
+def test_unlabelled_image_folder_trains_clusters_without_metrics(tmp_path):
+    from equss.train import run
+
+    _scene_folder(tmp_path / "data", labelled=False)
+    base = [*IMAGEFOLDER, f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'run'}",
+            f"backbone.cache_dir={tmp_path / 'c'}"]
+    with pytest.raises(ValueError, match=r"data\.num_clusters"):
+        run(load_config(None, base))
+    result = run(load_config(None, [*base, "data.num_clusters=4"]))
+    assert result["selected"]["select_on"] == "last"
+    assert "no metrics" in (tmp_path / "run" / "results.md").read_text().lower()
+    assert load_checkpoint(str(tmp_path / "run" / "last.ckpt"))["n_classes"] == 4
+
+
+def test_image_folder_class_keys_are_refused_for_other_datasets():
+    with pytest.raises(ConfigError, match=r"data\.num_clusters: is for data\.dataset=imagefolder only"):
+        load_config(None, ["data.num_clusters=3"])

@@ -5,7 +5,9 @@ run the real kernels on CPU tensors in Triton's interpreter; with a GPU they run
 the launchers only ever pick configurations from their module's ``CONFIGS`` (what
 ``tests/test_triton_compile.py`` compiles ahead of time), the matmul precision choice
 (``EQUSS_TRITON_PRECISION``), float64 inputs running as float32, the Triton segment sum's own error
-bound (three bfloat16 pieces per fp32 value) and int64 offsets past 2³¹ elements (CUDA only).
+bound (each term added once in fp32, scatter and sorted kernels), its deterministic mode
+(``EQUSS_DETERMINISTIC``, ``torch.use_deterministic_algorithms``) and its independence of the grid, the
+grid-stride invariant of the scatter and gather launchers, and int64 offsets past 2³¹ elements (CUDA only).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from helpers import (  # noqa: E402
     counts64,
     gen,
     unambiguous_rows,
+    valid_vectors,
 )
 
 import equss  # noqa: E402
@@ -186,11 +189,11 @@ def test_float64_runs_as_float32(picked):
 # ------------------------------------------------------------------------------- segment-sum error bound
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 def test_segment_sum_split_fp32_bound(dtype):
-    """The launcher directly: fp32 values enter the tensor cores as three bfloat16 pieces, which represent
-    them to 2⁻²⁴ relative on GPU and 2⁻²¹ = 8·U under the interpreter (its fp32 → bf16 conversion
-    truncates). Values over 2^±12 of dynamic range and a skewed code distribution (long sums) stay
-    within (n + 1 + 8)·U·Σ|terms| (helpers.SEGMENT_EXTRA_ULPS); counts are exact; float64 is summed as
-    its fp32 rounding."""
+    """The launcher directly (the name is historical: the kernel used to split fp32 values into bfloat16
+    pieces; it now adds each value once, in fp32, by atomics, so the (n + 1 + 8)·U bound of
+    helpers.SEGMENT_EXTRA_ULPS holds with room to spare: test_segment_sum_adds_each_term_once checks
+    (n + 1)·U). Values over 2^±12 of dynamic range and a skewed code distribution (long sums); counts
+    are exact; float64 is summed as its fp32 rounding."""
     N, M, K, Ds = 300, 2, 70, 45
     g = gen(30)
     v = torch.randn(N, M, Ds, generator=g) * torch.exp2(
@@ -211,6 +214,142 @@ def test_segment_sum_split_fp32_bound(dtype):
         assert torch.equal(sums_only, sums)
     else:  # GPU atomics land in a varying order
         assert_segment_sum(sums_only, v.float(), codes, K, extra_ulps=SEGMENT_EXTRA_ULPS["triton"])
+
+
+def _wide_values(shape, dtype, seed):
+    """Values over 2^±12 of dynamic range (so the summation order shows in the last bits)."""
+    g = gen(seed)
+    v = torch.randn(*shape, generator=g) * torch.exp2(torch.randint(-12, 13, shape, generator=g).float())
+    return v.clamp(-6e4, 6e4).to(dtype)
+
+
+# (N, M, K, Ds): Ds = 32 (the compile-time-stride variant), Ds = 45 (two column chunks), M = 3 (the grid
+# stride must be a multiple of M; with 4 interpreter "SMs" 1500·3 rows need several tiles per program).
+SCATTER_SHAPES = [(300, 2, 70, 32), (97, 3, 9, 45), (1500, 3, 5, 32), (211, 5, 17, 7)]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, Triton interpreter
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["scatter", "sorted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SCATTER_SHAPES, ids=lambda s: "N{}M{}K{}Ds{}".format(*s))
+def test_segment_sum_adds_each_term_once(shape, dtype, deterministic):
+    """Both kernels add every value once, in fp32, in some order: an element summing n terms is within
+    γ_n·Σ|terms| ≤ (n + 1)·U·Σ|terms| of the exact float64 sum (helpers module docstring), with no
+    extra representation error (extra_ulps=0; the fp16/bf16 values are exact in fp32). Counts are exact.
+    Statistics mode skips invalid rows (NaN, ±inf, an fp32 ‖v‖² that overflows) inside the kernel and no
+    NaN reaches a sum; gradient mode adds every row with an in-range code, and codes outside [0, K)
+    (negative, K, 2^31 - 1) add nothing in either."""
+    N, M, K, Ds = shape
+    v = _wide_values((N, M, Ds), dtype, seed=50)
+    codes = (torch.randint(0, K, (N, M), generator=gen(51)) % max(1, K - 2)).to(torch.int32)
+    codes[3, 0], codes[4, M - 1], codes[N - 1, 1] = -1, K, 2**31 - 1
+    v_stats = v.clone()
+    v_stats[1, 0, Ds - 1] = float("nan")
+    v_stats[2, 1, 0] = float("inf")
+    # Finite, but its fp32 squared norm overflows (fp16 cannot hold 1e20: there it is -inf).
+    v_stats[N - 2, M - 1, 0] = -float("inf") if dtype == torch.float16 else 1e20
+    keep = valid_vectors(v_stats)
+    assert int((~keep).sum()) == 3
+    sums, counts = pq_segment_sum_mod.segment_sum_triton(
+        _to(v_stats), _to(codes), K, with_counts=True, deterministic=deterministic
+    )
+    assert torch.isfinite(sums.cpu()).all()
+    assert torch.equal(counts.cpu().double(), counts64(codes, K, keep))
+    assert_segment_sum(sums, v_stats.float(), codes, K, keep, extra_ulps=0, label="stats")
+    grad = pq_gather_mod.pq_gather_backward_triton(_to(v), _to(codes), K) if not deterministic else None
+    if grad is None:
+        grad, none = pq_segment_sum_mod.segment_sum_triton(_to(v), _to(codes), K, with_counts=False, deterministic=True)
+        assert none is None
+    assert grad.dtype == torch.float32
+    assert_segment_sum(grad, v.float(), codes, K, extra_ulps=0, label="grad")
+
+
+def test_segment_sum_sorted_is_independent_of_the_grid(monkeypatch):
+    """The sorted (deterministic) kernel gives bit-identical sums whatever the GPU size, while the scatter's
+    result moves with the row split (checked on the same data, so the comparison has power). Under the
+    interpreter programs run one after another, so the "GPU size" is the number of programs the launchers
+    size their grids for (_config._INTERPRETER_SMS)."""
+    N, M, K, Ds = 700, 3, 4, 32
+    v = _to(_wide_values((N, M, Ds), torch.float32, seed=52))
+    codes = _to(torch.randint(0, K, (N, M), generator=gen(53), dtype=torch.int32))
+    g64 = _to(_wide_values((N, M, Ds), torch.float32, seed=54).double())
+    runs = {}
+    for sms in (1, 7):
+        monkeypatch.setattr(KC, "_INTERPRETER_SMS", sms)
+        runs[sms] = [
+            pq_segment_sum_mod.segment_sum_triton(v, codes, K, with_counts=True, deterministic=d) for d in (False, True)
+        ] + [pq_gather_mod.pq_gather_backward_triton(g64, codes, K)]
+    (scatter1, sorted1, f64_1), (scatter7, sorted7, f64_7) = runs[1], runs[7]
+    assert torch.equal(sorted1[0], sorted7[0]) and torch.equal(sorted1[1], sorted7[1])
+    assert torch.equal(f64_1, f64_7) and f64_1.dtype == torch.float64  # float64 gradients: always sorted
+    if DEVICE == "cpu":  # a fixed but different order of the atomics (on a GPU the order varies anyway)
+        assert not torch.equal(scatter1[0], scatter7[0]), "the row split did not change the summation order"
+    assert torch.equal(scatter1[1], scatter7[1]) and torch.equal(scatter1[1], sorted1[1])  # counts: exact
+
+
+def test_deterministic_mode_selection(monkeypatch, picked):
+    """deterministic= argument > $EQUSS_DETERMINISTIC > torch.use_deterministic_algorithms; the launchers
+    then pick the sorted configurations (members of CONFIGS)."""
+    resolve = pq_segment_sum_mod.resolve_deterministic
+    env = pq_segment_sum_mod.DETERMINISTIC_ENV
+    monkeypatch.delenv(env, raising=False)
+    assert resolve(None) is torch.are_deterministic_algorithms_enabled() is False
+    monkeypatch.setenv(env, "1")
+    assert resolve(None) is True and resolve(False) is False
+    monkeypatch.setenv(env, "bogus")
+    with pytest.raises(ValueError, match="EQUSS_DETERMINISTIC='bogus'"):
+        resolve(None)
+    x = _to(torch.randn(40, 2, 32, generator=gen(55)))
+    codes = _to(torch.randint(0, 6, (40, 2), generator=gen(56)))
+    monkeypatch.setenv(env, "1")
+    with equss.use_backend("triton"):
+        equss.pq_cluster_stats(x, codes, 6)
+        assert picked["pq_segment_sum"][-1].sorted and picked["pq_segment_sum"][-1].stats
+        monkeypatch.setenv(env, "0")
+        equss.pq_cluster_stats(x, codes, 6)
+        assert not picked["pq_segment_sum"][-1].sorted
+        monkeypatch.delenv(env)
+        torch.use_deterministic_algorithms(True)
+        try:
+            torch.ops.equss.pq_gather_backward(x, codes, 6)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        assert picked["pq_segment_sum"][-1].sorted and not picked["pq_segment_sum"][-1].stats
+    for cfg in picked["pq_segment_sum"]:
+        assert cfg in pq_segment_sum_mod.CONFIGS
+    for dtype in KC.KERNEL_DTYPES + (torch.float64,):
+        for stats in (False, True):
+            for det in (False, True):
+                for Ds in (1, 7, 32, 33, 200):
+                    assert pq_segment_sum_mod.pick_config(dtype, Ds, stats, det) in pq_segment_sum_mod.CONFIGS
+
+
+def test_row_tile_programs_keep_each_row_lane_in_one_subspace():
+    """The scatter and gather compute a row lane's subspace once per program: the grid stride
+    (programs·BLOCK_R rows) must be a multiple of M unless every program has a single tile."""
+    for M in (1, 2, 3, 5, 7, 32, 48, 64, 96, 1009, 70000):
+        for block_r in (32, 64):
+            for n_tiles in (1, 5, 63, 64, 1000, 10**6):
+                for target in (1, 32, 1056):
+                    p = pq_segment_sum_mod.row_tile_programs(n_tiles, block_r, M, target)
+                    assert 1 <= p <= n_tiles
+                    assert p == n_tiles or (p * block_r) % M == 0, (M, block_r, n_tiles, target, p)
+                    if p < n_tiles and M // math.gcd(M, block_r) <= target:
+                        assert p <= target  # never more programs than can be resident
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(1500, 3, 5, 32), (211, 5, 17, 7), (90, 7, 3, 40)], ids=str)
+def test_gather_several_tiles_per_program(shape, dtype):
+    """Shapes whose rows need several grid-stride tiles per program, with M not dividing BLOCK_R: the
+    gather stays a bit-exact copy (and out-of-range codes give zeros)."""
+    N, M, K, Ds = shape
+    cb = torch.randn(M, K, Ds, generator=gen(57)).to(dtype)
+    codes = torch.randint(0, K, (N, M), generator=gen(58), dtype=torch.int32)
+    codes[5, M - 1], codes[N - 1, 0] = -1, K
+    out = pq_gather_mod.pq_gather_triton(_to(codes), _to(cb)).cpu()
+    assert torch.equal(out, R.pq_gather_ref(codes, cb))
 
 
 # ------------------------------------------------------------------------------------ int64 offsets

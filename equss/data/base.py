@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +34,35 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether items carry label maps (unlabelled sets give all ``-1`` and no metrics)."""
+        return True
+
     def load_raw(self, index: int) -> tuple[Image.Image, np.ndarray | None]:
         raise NotImplementedError
+
+    def source_files(self) -> list[Path]:
+        """Every file the items are read from (images, then labels, in item order)."""
+        raise NotImplementedError
+
+    def fingerprint_fields(self) -> dict:
+        """Settings that change the items without changing any file (class, resolution, augmentation)."""
+        t = self.transform
+        return {"class": type(self).__name__, "res": self.res, "classes": list(self.class_names),
+                "photometric_aug": t.photometric_aug, "geometric_aug": t.geometric_aug}
+
+    def fingerprint(self) -> str:
+        """SHA-256 of what determines the items: :meth:`fingerprint_fields` and every source file's path
+        (relative to its dataset), size and modification time. Caches and kNN files key on it, so replacing
+        one image under the same name invalidates them. One ``stat`` per file (~0.5 s for 100k files)."""
+        h = hashlib.sha256(json.dumps(self.fingerprint_fields(), sort_keys=True, default=str).encode())
+        root = getattr(self, "root", None)
+        for path in self.source_files():
+            st = Path(path).stat()
+            rel = Path(path).relative_to(root) if root is not None and Path(path).is_relative_to(root) else Path(path)
+            h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
 
     def __getitem__(self, index: int) -> dict:
         index = int(index)
@@ -45,11 +74,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return out
 
 
+def one_line_layout(layout: str) -> str:
+    """A multi-line layout description as one line (error messages are one line)."""
+    return "; ".join(" ".join(line.split()) for line in layout.strip().splitlines())
+
+
 def require_dir(path: Path, what: str, layout: str) -> Path:
     """Return ``path`` if it is a directory, else raise ``FileNotFoundError`` naming it and the layout."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{what} not found: {path} (no such directory). Expected layout:\n{layout}")
+        raise FileNotFoundError(f"{what} not found: {path} (no such directory); expected layout: {one_line_layout(layout)}")
     return path
 
 
@@ -57,7 +91,7 @@ def require_file(path: Path, what: str, layout: str) -> Path:
     """Return ``path`` if it is a file, else raise ``FileNotFoundError`` naming it and the layout."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path} (no such file). Expected layout:\n{layout}")
+        raise FileNotFoundError(f"{what} not found: {path} (no such file); expected layout: {one_line_layout(layout)}")
     return path
 
 
@@ -77,7 +111,8 @@ def check_listed_files(directory: Path, names: list[str], what: str, layout: str
     missing = [n for n in names if n not in present]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} {what} listed but missing, first: {Path(directory) / missing[0]}. Expected layout:\n{layout}"
+            f"{len(missing)} {what} listed but missing, first: {Path(directory) / missing[0]}; expected layout: "
+            f"{one_line_layout(layout)}"
         )
 
 

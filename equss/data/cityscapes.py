@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from equss.data.base import SegmentationDataset, read_label_png, require_dir
+from equss.data.base import SegmentationDataset, one_line_layout, read_label_png, require_dir
 
 CITYSCAPES27_CLASSES = [
     "road", "sidewalk", "parking", "rail track", "building", "wall", "fence", "guard rail", "bridge",
@@ -69,16 +69,19 @@ class Cityscapes27(SegmentationDataset):
         label_root = require_dir(self.root / "gtFine" / split, "Cityscapes gtFine directory", LAYOUT)
         self.images = sorted(img_root.glob(f"*/*{_IMG_SUFFIX}"))
         if not self.images:
-            raise FileNotFoundError(f"no '*{_IMG_SUFFIX}' images under {img_root}/<city>/. Expected layout:\n{LAYOUT}")
+            raise FileNotFoundError(f"no '*{_IMG_SUFFIX}' images under {img_root}/<city>/; expected layout: {one_line_layout(LAYOUT)}")
         self.labels = []
         for img in self.images:
             lab = label_root / img.parent.name / (img.name[: -len(_IMG_SUFFIX)] + _LABEL_SUFFIX)
             if not lab.is_file():
-                raise FileNotFoundError(f"Cityscapes label for {img} not found: {lab}. Expected layout:\n{LAYOUT}")
+                raise FileNotFoundError(f"Cityscapes label for {img} not found: {lab}; expected layout: {one_line_layout(LAYOUT)}")
             self.labels.append(lab)
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def source_files(self) -> list[Path]:
+        return list(self.images) + list(self.labels)
 
     def load_raw(self, index: int) -> tuple[Image.Image, np.ndarray]:
         with Image.open(self.images[index]) as im:

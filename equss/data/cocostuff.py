@@ -141,6 +141,12 @@ class CocoStuff(SegmentationDataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def source_files(self) -> list[Path]:
+        return [self.img_dir / f"{i}.jpg" for i in self.ids] + [self.label_dir / f"{i}.png" for i in self.ids]
+
+    def fingerprint_fields(self) -> dict:
+        return {**super().fingerprint_fields(), "list_file": self.list_file}
+
     def load_raw(self, index: int) -> tuple[Image.Image, np.ndarray]:
         img_id = self.ids[index]
         with Image.open(self.img_dir / f"{img_id}.jpg") as im:

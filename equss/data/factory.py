@@ -78,6 +78,8 @@ def build_dataset(
     if crop in ("five", "five_crop"):
         if key == "synthetic":
             raise ValueError("five_crop is not defined for the synthetic dataset (scenes are generated at res)")
+        for key_ in ("num_classes", "num_clusters"):  # image-folder class settings: the crops keep the names
+            kwargs.pop(key_, None)
         return FiveCropDataset(root, key, split, res, class_names=kwargs.pop("class_names", None) or class_names(key),
                                crop_ratio=kwargs.pop("crop_ratio", 0.5), **aug, **kwargs)
     if key.startswith("cocostuff"):

@@ -15,8 +15,9 @@ Layout of one cache entry, a directory ``<cache_dir>/<readable name>-<key>/``::
 The key is a SHA-256 over: the cache format version, the backbone name and a SHA-256 of its weights
 (the tensors themselves, so any checkpoint — or random init — is identified exactly) and configuration
 (``feature_config()``, e.g. the position-embedding interpolation), the dataset name,
-split, resolution and crop, the number of images, a hash of the first and last item (catches a changed
-file list or preprocessing that keeps the name), the storage dtype and any ``extra`` fields the caller adds.
+split, resolution and crop, the number of images, the dataset's fingerprint (:func:`source_fingerprint`:
+every source file's path, size and modification time, so replacing one image under the same name
+invalidates the entry), the storage dtype and any ``extra`` fields the caller adds.
 
 Writes are atomic: everything goes into a hidden temporary directory that is renamed onto the final name
 (``os.replace``) only after all files are complete and fsync'ed; an exception removes the temporary
@@ -53,11 +54,12 @@ __all__ = [
     "CachedFeatures",
     "CachedFeatureDataset",
     "backbone_fingerprint",
+    "source_fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: the key covers every source file (source_sha256)
 _STORAGE_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
 _LABEL_DTYPE = np.int16  # class ids (COCO fine ids ≤ 182, 255 → −1 after mapping) fit with room to spare
 _META = "meta.json"
@@ -95,11 +97,17 @@ def backbone_fingerprint(backbone: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _item_probe(dataset: Dataset) -> str:
-    """SHA-256 of the first and last items' image and label: a cheap check that the content matches."""
+def source_fingerprint(dataset: Dataset) -> str:
+    """SHA-256 of what determines every item of ``dataset``.
+
+    Datasets of :mod:`equss.data` provide ``fingerprint()`` (their settings and every source file's
+    path, size and modification time, or the generator's parameters). Any other dataset is hashed item
+    by item (image and label of every item: exact, but it decodes the whole dataset once per check).
+    """
+    if callable(getattr(dataset, "fingerprint", None)):
+        return str(dataset.fingerprint())
     h = hashlib.sha256()
-    n = len(dataset)
-    for i in sorted({0, n - 1}):
+    for i in range(len(dataset)):
         item = dataset[i]
         for field in ("img", "label"):
             if field in item:
@@ -212,7 +220,7 @@ class FeatureCache:
         extra: further JSON-serialisable fields that affect the features (e.g. normalisation constants).
         verify: ``"full"`` re-checks the CRC-32 of every file on load (reads the files once, ~2 GB/s);
             ``"quick"`` checks only key, shapes and sizes (misses flipped bits).
-        progress: show a tqdm bar while computing.
+        progress: show progress while computing (:class:`equss.progress.Progress`).
 
     Usage::
 
@@ -273,7 +281,7 @@ class FeatureCache:
             "res": int(res),
             "crop": str(crop),
             "num_images": n,
-            "items_sha256": _item_probe(dataset),
+            "source_sha256": source_fingerprint(dataset),
             "storage_dtype": str(storage_dtype).removeprefix("torch."),
             "extra": extra,
         }
@@ -290,12 +298,12 @@ class FeatureCache:
     def load(self) -> CachedFeatures | None:
         """The valid entry for this key, or None (the reason is logged at INFO level)."""
         if not self.path.exists():
-            logger.info("feature cache: no entry at %s", self.path)
+            logger.debug("feature cache: no entry at %s", self.path)
             return None
         try:
             return _open_entry(self.path, self.key_fields, self.verify)
         except InvalidCache as err:
-            logger.info("feature cache: discarding %s: %s", self.path, err)
+            logger.warning("feature cache: recomputing %s: %s", self.path, err)
             return None
 
     def load_or_compute(self) -> CachedFeatures:
@@ -361,7 +369,7 @@ class FeatureCache:
             os.close(dir_fd)
 
     def _write(self, tmp: Path) -> None:
-        from tqdm.auto import tqdm
+        from equss.progress import Progress
 
         backbone = self.backbone
         device = self.device
@@ -380,6 +388,9 @@ class FeatureCache:
             shuffle=False,
             num_workers=self.num_workers,
             pin_memory=device.type == "cuda",
+            # Its own generator: iterating a loader draws a seed, which must not come from the global
+            # RNG (a run would then depend on whether its caches existed).
+            generator=torch.Generator().manual_seed(0),
         )
         np_dtype = _STORAGE_DTYPES[self.storage_dtype]
         feats = labels = None
@@ -388,11 +399,11 @@ class FeatureCache:
         img_shape = None
         row = 0
         t0 = time.perf_counter()
-        bar = tqdm(
+        bar = Progress(
             total=n,
             desc=f"features {self.backbone_name} {self.key_fields['dataset']}/{self.key_fields['split']}",
             unit="img",
-            disable=not self.progress,
+            enabled=self.progress,
         )
         try:
             with torch.no_grad():

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from equss.data.base import SegmentationDataset, read_label_png, require_dir
+from equss.data.base import SegmentationDataset, one_line_layout, read_label_png, require_dir
 from equss.data.imagefolder import decode_label
 from equss.io import atomic_write
 
@@ -99,7 +99,7 @@ def make_five_crop(
     ``jpeg_quality`` 75 is PIL's default, which STEGO's crop script used. Already written crops are
     skipped, so calling it twice is cheap and a crashed run resumes.
     """
-    from tqdm.auto import tqdm
+    from equss.progress import Progress
 
     out = five_crop_dir(root, dataset, crop_ratio)
     img_dir, label_dir = out / "img" / split, out / "label" / split
@@ -107,7 +107,7 @@ def make_five_crop(
     label_dir.mkdir(parents=True, exist_ok=True)
     writer = _CropWriter(source, img_dir, label_dir, crop_ratio, jpeg_quality)
     loader = torch.utils.data.DataLoader(writer, batch_size=None, num_workers=num_workers, shuffle=False)
-    for _ in tqdm(loader, total=len(writer), desc=f"five-crop {dataset}/{split}", disable=not progress):
+    for _ in Progress(loader, total=len(writer), desc=f"five-crop {dataset}/{split}", unit="img", enabled=progress):
         pass
     (out / f"done_{split}.json").write_text(json.dumps({"num_crops": NUM_CROPS * len(source), "crop_ratio": crop_ratio}))
     return out
@@ -148,7 +148,7 @@ class FiveCropDataset(SegmentationDataset):
             raise FileNotFoundError(
                 f"five-crop set incomplete: {done} is missing (cropping did not finish, or the crops were made "
                 f"by another tool; re-running the script below skips the files already there and writes it). "
-                f"Expected layout:\n{layout}"
+                f"expected layout: {one_line_layout(layout)}"
             )
         self.num_crops = int(json.loads(done.read_text())["num_crops"])
         names = {p.name for p in self.img_dir.iterdir()}
@@ -157,11 +157,15 @@ class FiveCropDataset(SegmentationDataset):
             if f"{n}.jpg" not in names or f"{n}.png" not in labels:
                 raise FileNotFoundError(
                     f"five-crop file missing: {self.img_dir / f'{n}.jpg'} or {self.label_dir / f'{n}.png'} "
-                    f"({self.num_crops} crops expected). Expected layout:\n{layout}"
+                    f"({self.num_crops} crops expected); expected layout: {one_line_layout(layout)}"
                 )
 
     def __len__(self) -> int:
         return self.num_crops
+
+    def source_files(self) -> list[Path]:
+        n = range(self.num_crops)
+        return [self.img_dir / f"{i}.jpg" for i in n] + [self.label_dir / f"{i}.png" for i in n]
 
     def load_raw(self, index: int) -> tuple[Image.Image, np.ndarray]:
         with Image.open(self.img_dir / f"{index}.jpg") as im:

@@ -8,17 +8,24 @@ Layout (STEGO's "directory" dataset)::
 With ``split=None`` the images are read from ``<root>`` itself (recursively) and labels from
 ``label_root`` if given. Label PNGs hold class ids directly; ``ignore_value`` (default 255) becomes -1,
 and ``label_offset`` is subtracted first (use 1 for "class + 1, 0 = ignore" files). Without labels every
-pixel is -1.
+pixel is -1 (``has_labels`` is False): such a folder trains EQUSS with ``num_clusters`` clusters and gives
+predictions and pictures, no metrics.
+
+Classes of a labelled folder: ``class_names``, else ``num_classes`` (named ``class_0`` ...), else inferred
+from the label PNGs (the largest class id + 1, with a logged notice).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from equss.data.base import SegmentationDataset, read_label_png, require_dir
+from equss.data.base import SegmentationDataset, one_line_layout, read_label_png, require_dir
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -46,7 +53,10 @@ class ImageFolder(SegmentationDataset):
         res: output size of the standard pipeline.
         label_root: explicit label folder (overrides ``<root>/labels/<split>``); labels are optional
             unless this is given, then every image needs one.
-        class_names: optional names (sets ``num_classes``; otherwise it is 0 = unknown).
+        class_names: names of the classes of a labelled folder (sets ``num_classes``).
+        num_classes: class count of a labelled folder when no names are given.
+        num_clusters: clusters to find in an unlabelled folder (required for one: it sets ``num_classes``,
+            the probes' output size, with names ``cluster_0`` ...).
         label_offset, ignore_value: see :func:`decode_label`.
     """
 
@@ -57,6 +67,8 @@ class ImageFolder(SegmentationDataset):
         res: int = 224,
         label_root: str | Path | None = None,
         class_names: list[str] | None = None,
+        num_classes: int | None = None,
+        num_clusters: int | None = None,
         label_offset: int = 0,
         ignore_value: int | None = 255,
         photometric_aug: bool = False,
@@ -71,9 +83,8 @@ class ImageFolder(SegmentationDataset):
         )
         if not self.images:
             raise FileNotFoundError(
-                f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.img_dir}. Expected layout:\n{LAYOUT}"
+                f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.img_dir}; expected layout: {one_line_layout(LAYOUT)}"
             )
-        self.class_names = list(class_names) if class_names else []
         self.label_offset = label_offset
         self.ignore_value = ignore_value
         if label_root is not None:
@@ -88,11 +99,56 @@ class ImageFolder(SegmentationDataset):
             missing = [p for p in self.labels if not p.is_file()]
             if missing:
                 raise FileNotFoundError(
-                    f"{len(missing)} label PNGs missing in {self.label_dir}, first: {missing[0]}. Expected layout:\n{LAYOUT}"
+                    f"{len(missing)} label PNGs missing in {self.label_dir}, first: {missing[0]}; expected layout: {one_line_layout(LAYOUT)}"
                 )
+        self.class_names = self._resolve_classes(class_names, num_classes, num_clusters)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
+
+    def _resolve_classes(self, class_names, num_classes, num_clusters) -> list[str]:
+        if self.labels is None:
+            if class_names or num_classes:
+                raise ValueError(
+                    f"data.num_classes/data.class_names: {self.img_dir} has no labels (no {self.root / 'labels'}"
+                    f"/{self.split}); for an unlabelled folder set data.num_clusters instead"
+                )
+            if not num_clusters or num_clusters < 2:
+                raise ValueError(
+                    f"data.num_clusters: {self.img_dir} has no labels, so the number of clusters to find must be "
+                    f"given (data.num_clusters=K, K >= 2), got {num_clusters!r}"
+                )
+            return [f"cluster_{i}" for i in range(int(num_clusters))]
+        if num_clusters:
+            raise ValueError(f"data.num_clusters is for unlabelled folders; {self.label_dir} holds labels "
+                             f"(set data.num_classes or data.class_names)")
+        if class_names:
+            if num_classes and len(class_names) != num_classes:
+                raise ValueError(f"data.class_names has {len(class_names)} names but data.num_classes={num_classes}")
+            return list(class_names)
+        if not num_classes:
+            num_classes = self._infer_num_classes()
+            log.info("image folder %s: %d classes inferred from the label PNGs (set data.num_classes or "
+                     "data.class_names to fix them)", self.root, num_classes)
+        return [f"class_{i}" for i in range(int(num_classes))]
+
+    def _infer_num_classes(self) -> int:
+        top = -1
+        for path in self.labels or []:
+            top = max(top, int(decode_label(read_label_png(path), self.label_offset, self.ignore_value).max(initial=-1)))
+        if top < 0:
+            raise ValueError(f"data.num_classes: the label PNGs in {self.label_dir} hold no class id (all ignore)")
+        return top + 1
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def source_files(self) -> list[Path]:
+        return list(self.images) + list(self.labels or [])
+
+    def fingerprint_fields(self) -> dict:
+        return {**super().fingerprint_fields(), "label_offset": self.label_offset, "ignore_value": self.ignore_value}
 
     def load_raw(self, index: int) -> tuple[Image.Image, np.ndarray | None]:
         with Image.open(self.images[index]) as im:

@@ -15,6 +15,8 @@ key) plus metadata ``num_images``, ``model``, ``dataset``, ``split``, ``crop``, 
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from equss.io import atomic_write
+
+log = logging.getLogger(__name__)
 
 DEFAULT_K = 30
 
@@ -49,11 +53,14 @@ def global_features(
     ``"feat" [C, h, w]`` — the featurizer's output already computed (e.g. by the feature cache) — which is
     used as it is instead of running the featurizer again.
     """
-    from tqdm.auto import tqdm
+    from equss.progress import Progress
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    # Its own generator: iterating must not draw from the global RNG (a run would depend on whether the
+    # kNN file existed).
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         generator=torch.Generator().manual_seed(0))
     out = []
-    for batch in tqdm(loader, desc="kNN features", disable=not progress):
+    for batch in Progress(loader, desc="kNN features", unit="batch", enabled=progress):
         f = batch["feat"] if "feat" in batch else featurizer(batch["img"].to(device))
         if f.dim() != 4:
             raise ValueError(f"featurizer must return [B, C, h, w], got shape {tuple(f.shape)}")
@@ -102,10 +109,10 @@ def knn_from_features(
     if backend != "torch":
         raise ValueError(f"knn_from_features: backend must be 'torch', 'faiss' or 'auto', got {backend!r}")
 
-    from tqdm.auto import tqdm
+    from equss.progress import Progress
 
     nns = torch.empty(N, k, dtype=torch.int64)
-    for r0 in tqdm(range(0, N, chunk_size), desc="kNN top-k", disable=not progress):
+    for r0 in Progress(range(0, N, chunk_size), desc="kNN top-k", unit="chunk", enabled=progress):
         rows = feats[r0 : r0 + chunk_size]
         n = rows.shape[0]
         best_v = torch.empty(n, 0)
@@ -160,19 +167,19 @@ def compute_knn(
 
 def save_knn(
     path: str | Path, nns: np.ndarray, *, model: str, dataset: str, split: str, crop: str | None, res: int,
-    weights: str = "",
+    weights: str = "", source: str = "",
 ) -> Path:
     """Write ``nns [N, k]`` and its metadata to ``path`` (.npz, atomically), creating the folder.
 
     ``weights`` identifies the backbone weights (e.g. ``FrozenBackbone.weights_id``) where the model name
-    alone does not (random vs. DINO weights)."""
+    alone does not (random vs. DINO weights); ``source`` is the dataset's fingerprint (its files)."""
     nns = np.asarray(nns)
     if nns.ndim != 2 or not np.issubdtype(nns.dtype, np.integer):
         raise ValueError(f"save_knn: nns must be an int array [N, k], got {nns.dtype} {nns.shape}")
     fields = dict(
         nns=nns.astype(np.int64), num_images=np.int64(nns.shape[0]), model=np.str_(model),
         dataset=np.str_(dataset), split=np.str_(split), crop=np.str_(str(crop)), res=np.int64(res),
-        weights=np.str_(weights),
+        weights=np.str_(weights), source=np.str_(source),
     )
     return atomic_write(path, lambda fh: np.savez(fh, **fields))  # never a truncated file under the final name
 
@@ -184,12 +191,14 @@ def load_knn(
     res: int | None = None,
     min_neighbors: int | None = None,
     weights: str | None = None,
+    source: str | None = None,
 ) -> np.ndarray:
     """Read ``nns [N, k]`` and check it against what the caller expects.
 
     Raises ``FileNotFoundError`` (with the command that creates the file) if absent, ``ValueError`` if
     ``num_images``, ``model``, ``res``, ``weights`` differ from the stored metadata, or if ``k <= min_neighbors``
-    (column 0 is the image itself). Files without metadata (STEGO's) are checked on their shape only.
+    (column 0 is the image itself), or if ``source`` (the dataset's fingerprint) differs or was not
+    recorded. Files without metadata (STEGO's) are checked on their shape only unless ``source`` is given.
     """
     path = Path(path)
     if not path.is_file():
@@ -199,7 +208,7 @@ def load_knn(
         )
     with np.load(path) as f:
         nns = f["nns"]
-        meta = {key: f[key].item() for key in ("num_images", "model", "res", "weights") if key in f}
+        meta = {key: f[key].item() for key in ("num_images", "model", "res", "weights", "source") if key in f}
     if nns.ndim != 2:
         raise ValueError(f"{path}: nns must be [N, k], got shape {nns.shape}")
     problems = []
@@ -211,6 +220,8 @@ def load_knn(
         problems.append(f"it was computed at res {meta['res']}, not {res}")
     if weights is not None and meta.get("weights") and meta["weights"] != weights:
         problems.append(f"it was computed with weights {meta['weights']!r}, not {weights!r}")
+    if source is not None and meta.get("source") != source:
+        problems.append("its images changed since it was computed (the dataset fingerprint differs)")
     if min_neighbors is not None and nns.shape[1] <= min_neighbors:
         problems.append(f"it has {nns.shape[1]} columns, need more than num_neighbors={min_neighbors}")
     if problems:
@@ -240,23 +251,38 @@ def load_or_compute_knn(
     ``features``: the same images' featurizer outputs as items with ``"feat"`` (e.g. the training feature
     cache); when given, the global features are computed from them instead of running ``featurizer``.
 
-    Returns ``(nns int64 [N, k], path)``. An existing file whose metadata disagrees (number of images,
-    model, weights, res, fewer than ``k`` columns) raises ``ValueError`` naming the file to delete.
+    The file records the dataset's fingerprint (:func:`equss.data.feature_cache.source_fingerprint`:
+    every source file's path, size and modification time), the model, its weights and the resolution. A
+    file that cannot be read (truncated, corrupt) or that disagrees with any of them, or holds fewer than
+    ``k`` neighbours, is recomputed with a one-line warning naming it.
+
+    Returns ``(nns int64 [N, k], path)``.
     """
+    from equss.data.feature_cache import source_fingerprint
+
     model = str(getattr(featurizer, "name", type(featurizer).__name__))
     weights = str(getattr(featurizer, "weights_id", ""))
     res = int(getattr(dataset, "res", 0))
+    source = source_fingerprint(dataset)
     path = Path(cache_dir) / "nns" / f"nns_{model}_{dataset_id}_{res}.npz"
     if path.is_file():
-        nns = load_knn(path, num_images=len(dataset), model=model, res=res, weights=weights or None)
-        if nns.shape[1] < k:
-            raise ValueError(f"kNN file {path} has {nns.shape[1]} neighbours, need k={k}; delete it to recompute")
-        return nns[:, :k], path
+        try:
+            nns = load_knn(path, num_images=len(dataset), model=model, res=res, weights=weights or None,
+                           source=source)
+            if nns.shape[1] < k:
+                raise ValueError(f"it has {nns.shape[1]} neighbours, need k={k}")
+            log.info("kNN: loaded %s", path)
+            return nns[:, :k], path
+        except Exception as exc:  # unreadable or stale: never used, always recomputed
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.warning("kNN file %s cannot be used (%s): recomputing it", path, reason)
     if features is not None and len(features) != len(dataset):
         raise ValueError(f"features has {len(features)} items but the dataset has {len(dataset)} images")
+    t0 = time.perf_counter()
     nns = compute_knn(featurizer, dataset if features is None else features, k=k, batch_size=batch_size, device=device, chunk_size=chunk_size,
                       backend=backend, progress=progress)
+    log.info("kNN: %d neighbours of %d images in %.1f s -> %s", k, len(dataset), time.perf_counter() - t0, path)
     # dataset_id already encodes split and crop; they are stored separately only when known
     save_knn(path, nns, model=model, dataset=dataset_id, split=str(getattr(dataset, "split", "")),
-             crop="", res=res, weights=weights)
+             crop="", res=res, weights=weights, source=source)
     return nns, path

@@ -95,6 +95,14 @@ class Potsdam3(SegmentationDataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def has_labels(self) -> bool:
+        return self.labelled
+
+    def source_files(self) -> list[Path]:
+        gt = [self.gt_dir / f"{i}.mat" for i in self.ids]
+        return [self.img_dir / f"{i}.mat" for i in self.ids] + [p for p in gt if self.labelled or p.is_file()]
+
     def load_raw(self, index: int) -> tuple[Image.Image, np.ndarray | None]:
         from scipy.io import loadmat
 

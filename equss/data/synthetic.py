@@ -140,6 +140,8 @@ TEXTURES: tuple[tuple[str, TextureFn], ...] = (
 MAX_CLASSES = len(TEXTURES)
 
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+# Bump when generate_scene draws other scenes for the same (seed, split, index): caches key on it.
+SCENE_VERSION = 1
 
 
 def synthetic_class_names(num_classes: int) -> list[str]:
@@ -253,6 +255,13 @@ class SyntheticScenes(SegmentationDataset):
 
     def __len__(self) -> int:
         return self.num_images
+
+    def source_files(self) -> list[Path]:
+        return []  # generated: a pure function of the fields below
+
+    def fingerprint_fields(self) -> dict:
+        return {**super().fingerprint_fields(), "split": self.split, "num_images": self.num_images,
+                "seed": self.seed, "generator": SCENE_VERSION}
 
     def scene(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """``(img uint8 [res,res,3], label int64 [res,res])`` of scene ``index``, from the cache if present."""

@@ -62,16 +62,26 @@ __all__ = [
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """One supported backbone: its timm model, patch size, width and DINO's official checkpoint."""
+    """One supported backbone: its timm model, patch size, width and official checkpoint.
+
+    ``native_img_size``: the image size of the official position-embedding grid (224 for DINO, 518 for
+    DINOv2): the model keeps that grid and resamples it to each input's grid on the fly, as the official
+    code does.
+    """
 
     timm_name: str
     patch_size: int
     embed_dim: int
-    dino_checkpoint: str  # file name under https://dl.fbaipublicfiles.com/dino/<stem>/
+    dino_checkpoint: str  # official file name
+    family: str = "dino"  # "dino" (DINO v1, facebookresearch/dino) | "dinov2" (facebookresearch/dinov2)
+    native_img_size: int = 224
 
     @property
     def dino_url(self) -> str:
         stem = self.dino_checkpoint.removesuffix(".pth")
+        if self.family == "dinov2":
+            model = stem.removesuffix("_pretrain").removesuffix("_reg4")
+            return f"https://dl.fbaipublicfiles.com/dinov2/{model}/{self.dino_checkpoint}"
         return f"https://dl.fbaipublicfiles.com/dino/{stem}/{self.dino_checkpoint}"
 
 
@@ -83,6 +93,19 @@ BACKBONES: dict[str, BackboneSpec] = {
     "vit_small_patch16": BackboneSpec("vit_small_patch16_224.dino", 16, 384, "dino_deitsmall16_pretrain.pth"),
     "vit_base_patch8": BackboneSpec("vit_base_patch8_224.dino", 8, 768, "dino_vitbase8_pretrain.pth"),
     "vit_base_patch16": BackboneSpec("vit_base_patch16_224.dino", 16, 768, "dino_vitbase16_pretrain.pth"),
+    # DINOv2 (beyond the paper): patch 14, LayerScale, 518×518 native grid; "_reg4" = 4 register tokens.
+    "vit_small_patch14_dinov2": BackboneSpec(
+        "vit_small_patch14_dinov2.lvd142m", 14, 384, "dinov2_vits14_pretrain.pth", "dinov2", 518
+    ),
+    "vit_base_patch14_dinov2": BackboneSpec(
+        "vit_base_patch14_dinov2.lvd142m", 14, 768, "dinov2_vitb14_pretrain.pth", "dinov2", 518
+    ),
+    "vit_small_patch14_reg4_dinov2": BackboneSpec(
+        "vit_small_patch14_reg4_dinov2.lvd142m", 14, 384, "dinov2_vits14_reg4_pretrain.pth", "dinov2", 518
+    ),
+    "vit_base_patch14_reg4_dinov2": BackboneSpec(
+        "vit_base_patch14_reg4_dinov2.lvd142m", 14, 768, "dinov2_vitb14_reg4_pretrain.pth", "dinov2", 518
+    ),
 }
 DEMO_NAME = "demo"
 
@@ -93,8 +116,9 @@ _NESTING_KEYS = ("teacher", "state_dict", "model", "student")
 # torch.compile ("_orig_mod."); stripped only at the start of a key.
 _STRIP_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 # DINO's projection head (DINOHead) lives next to the backbone in full checkpoints; it is not part of
-# the feature extractor.
-_IGNORED_PREFIXES = ("head.",)
+# the feature extractor. DINOv2's mask token is used only by its masked-image training objective.
+_IGNORED_PREFIXES = ("head.", "dino_head.", "ibot_head.")
+_IGNORED_KEYS = ("mask_token",)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,13 +276,11 @@ class DinoViTFeatures(nn.Module):
             raise ValueError(f"pos_embed_interp must be 'dino' or 'timm', got {pos_embed_interp!r}")
         if not getattr(vit, "dynamic_img_size", False):
             raise ValueError("the timm ViT must be created with dynamic_img_size=True")
-        if pos_embed_interp == "dino" and (
-            getattr(vit, "reg_token", None) is not None
-            or getattr(vit, "no_embed_class", False)
-            or vit.num_prefix_tokens != 1
-        ):
+        embeds_class = not getattr(vit, "no_embed_class", False)
+        if pos_embed_interp == "dino" and embeds_class and vit.num_prefix_tokens != 1:
             raise ValueError(
-                "pos_embed_interp='dino' supports only ViTs with one CLS token embedded with the patches"
+                "pos_embed_interp='dino' needs one CLS token embedded with the patches, or prefix tokens "
+                "outside the position embedding (no_embed_class, as DINOv2 with registers)"
             )
         self.vit = vit
         self.pos_embed_interp = pos_embed_interp
@@ -284,8 +306,18 @@ class DinoViTFeatures(nn.Module):
         # timm's forward_features with DINO's position embedding in place of timm's _pos_embed.
         x = vit.patch_embed(images)  # [B, h, w, C] (NHWC because of dynamic_img_size)
         b, h, w, c = x.shape
-        x = torch.cat((vit.cls_token.expand(b, -1, -1).to(x.dtype), x.reshape(b, h * w, c)), dim=1)
-        x = x + dino_interpolate_pos_embed(vit.pos_embed, h, w).to(x.dtype)
+        x = x.reshape(b, h * w, c)
+        prefix = [vit.cls_token.expand(b, -1, -1).to(x.dtype)]
+        if getattr(vit, "no_embed_class", False):
+            # DINOv2 with registers (as timm converts it): the position embedding covers the patches only;
+            # the CLS token already holds its position, the registers have none.
+            x = x + dino_interpolate_pos_embed(vit.pos_embed, h, w, num_prefix_tokens=0).to(x.dtype)
+            if getattr(vit, "reg_token", None) is not None:
+                prefix.append(vit.reg_token.expand(b, -1, -1).to(x.dtype))
+            x = torch.cat([*prefix, x], dim=1)
+        else:
+            x = torch.cat([*prefix, x], dim=1)
+            x = x + dino_interpolate_pos_embed(vit.pos_embed, h, w).to(x.dtype)
         x = vit.pos_drop(x)
         x = vit.patch_drop(x)
         x = vit.norm_pre(x)
@@ -339,8 +371,11 @@ def load_dino_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
       ``model`` or ``student``, keys prefixed by ``module.`` (DDP) and/or ``backbone.`` (MultiCropWrapper);
     * a ``.safetensors`` file (timm's hub format).
 
-    Keys of DINO's projection head (``head.*``) are dropped. Nothing else is renamed or dropped: the
-    caller checks the result against the model.
+    DINOv2's official checkpoints (``dinov2_vits14_pretrain.pth``, ``..._reg4_pretrain.pth`` and the ViT-B
+    ones) use the same names plus ``ls1.gamma``/``ls2.gamma`` (LayerScale, as timm), ``mask_token``
+    (dropped: training only) and, with registers, ``register_tokens`` (converted to timm's layout: see
+    the code). Keys of DINO's projection heads (``head.*``, ``dino_head.*``, ``ibot_head.*``) are dropped.
+    Nothing else is renamed or dropped: the caller checks the result against the model.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -368,13 +403,19 @@ def load_dino_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             for prefix in _STRIP_PREFIXES:
                 if key.startswith(prefix):
                     key, changed = key[len(prefix) :], True
-        if key.startswith(_IGNORED_PREFIXES):
+        if key.startswith(_IGNORED_PREFIXES) or key in _IGNORED_KEYS:
             continue
         if key in out:
             raise ValueError(
                 f"checkpoint {str(path)!r}: key {key!r} occurs twice after stripping prefixes {_STRIP_PREFIXES}"
             )
         out[key] = value
+    if "register_tokens" in out:
+        # DINOv2 with registers → timm's no_embed_class layout: the CLS token absorbs its position
+        # embedding, the position embedding keeps the patches', the registers are timm's reg_token.
+        out["reg_token"] = out.pop("register_tokens")
+        out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
+        out["pos_embed"] = out["pos_embed"][:, 1:]
     return out
 
 
@@ -460,23 +501,25 @@ def build_backbone(
     name: str,
     weights: str | os.PathLike | None = "default",
     device: str | torch.device = "cpu",
-    img_size: int = 224,
+    img_size: int | None = None,
     pos_embed_interp: str = "dino",
 ) -> FrozenBackbone:
     """Build a frozen backbone: ``images [B, 3, H, W] -> features [B, C, H/p, W/p]``.
 
     Args:
         name: ``"vit_small_patch8"`` (DINO ViT-S/8), ``"vit_small_patch16"``, ``"vit_base_patch8"``,
-            ``"vit_base_patch16"`` or ``"demo"`` (the small demo backbone of ``equss.models.demo_backbone``).
+            ``"vit_base_patch16"``, the DINOv2 ViTs ``"vit_small_patch14_dinov2"``,
+            ``"vit_base_patch14_dinov2"`` and their ``_reg4_`` variants with registers, or ``"demo"`` (the
+            small demo backbone of ``equss.models.demo_backbone``).
         weights: ``"default"`` (timm's DINO weights from the Hugging Face hub / its local cache), a path
             to a DINO checkpoint (plain state dict or training checkpoint, see
             :func:`load_dino_state_dict`) or a timm ``.safetensors`` file, or ``None``/``"none"`` for a
             random initialisation (warns). The demo backbone has no weights: ``"default"`` and ``None``
             both build it, a path is an error.
         device: where the model lives.
-        img_size: the image size whose patch grid stores the position embeddings (224 = DINO's native
-            grid; checkpoints trained at 224 are resampled once at load time if this differs). Inputs of
-            any size that is a multiple of the patch size are accepted either way.
+        img_size: the image size whose patch grid stores the position embeddings (default: the official
+            checkpoint's, 224 for DINO and 518 for DINOv2; checkpoints of another grid are resampled once at
+            load time). Inputs of any size that is a multiple of the patch size are accepted either way.
         pos_embed_interp: ``"dino"`` (default, DINO/STEGO/EQUSS behaviour) or ``"timm"``: how position
             embeddings are resampled for inputs whose grid differs from ``img_size``'s.
 
@@ -490,9 +533,10 @@ def build_backbone(
         return _build_demo(weights, kind).to(device)
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES) + [DEMO_NAME]}")
+    spec = BACKBONES[name]
+    img_size = spec.native_img_size if img_size is None else img_size
     if not isinstance(img_size, int) or img_size <= 0:
         raise ValueError(f"img_size must be a positive int, got {img_size!r}")
-    spec = BACKBONES[name]
     if img_size % spec.patch_size:
         raise ValueError(
             f"img_size {img_size} is not a multiple of the patch size {spec.patch_size} of {name!r}"

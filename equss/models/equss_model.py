@@ -1,7 +1,7 @@
 """The trainable part of EQUSS: feature dropout → expansion head → product quantizer, plus the probes.
 
 The frozen backbone lives outside this module (:func:`equss.models.backbone.build_backbone`), so the
-model can train on cached backbone features (EQUSS_SPEC §1):
+model can train on cached backbone features (docs/method.md §1):
 
     f [B, C, h, w] ─ Dropout2d (train only) ─ ExpansionHead ─ z [B, D, h, w] ─ ProductQuantizer ─ q [B, D, h, w]
                                                                           q.detach() → cluster probe, linear probe
@@ -50,6 +50,9 @@ class EQUSSModel(nn.Module):
         extra_clusters: cluster-probe centroids beyond ``n_classes``.
         cluster_init: ``"randn"`` (STEGO/EQUSS) or ``"kmeans"`` (centroids from k-means on the first
             training batch's codes).
+        cluster_loss_at: ``"label"`` (default, the authors' code): the cluster-probe loss is a mean over q
+            upsampled bilinearly to the label size, as their evaluator does in training; ``"feature"``: over
+            the ``h × w`` feature map (cheaper; the linear probe is the same either way).
         quantizer: keyword arguments of :class:`equss.nn.ProductQuantizer` (``learning``, ``normalize``,
             ``beta``, ``init``, ...); its defaults are the paper's head.
     """
@@ -64,18 +67,22 @@ class EQUSSModel(nn.Module):
         dropout: float = 0.1,
         extra_clusters: int = 0,
         cluster_init: str = "randn",
+        cluster_loss_at: str = "label",
         quantizer: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if cluster_init not in ("randn", "kmeans"):
             raise ValueError(f"cluster_init must be 'randn' (STEGO/EQUSS) or 'kmeans', got {cluster_init!r}")
+        if cluster_loss_at not in ("label", "feature"):
+            raise ValueError(f"cluster_loss_at must be 'label' (the authors') or 'feature', got {cluster_loss_at!r}")
+        self.cluster_loss_at = cluster_loss_at
         self.n_classes = n_classes
         self.cluster_init = cluster_init
         # Whether the cluster probe was initialised from data (cluster_init="kmeans"); a buffer so it
         # survives checkpoints and a resumed run does not re-initialise.
         self.register_buffer("cluster_initialized", torch.tensor(cluster_init == "randn"))
         # The dropped-out features feed both the head and the STEGO loss, so the model applies the head's
-        # dropout itself and then calls head.project (EQUSS_SPEC §1).
+        # dropout itself and then calls head.project (docs/method.md §1).
         self.head = ExpansionHead(in_dim, dim, dropout=dropout)
         self.quantizer = ProductQuantizer(dim, num_subspaces, codebook_size, channel_dim=1, **dict(quantizer or {}))
         self.cluster_probe = ClusterProbe(dim, n_classes, extra_clusters=extra_clusters)
@@ -108,7 +115,7 @@ class EQUSSModel(nn.Module):
         stego_weight: float = 1.0,
         pq_weight: float = 1.0,
     ) -> TrainOutput:
-        """One training forward: losses of EQUSS_SPEC §1 (stego + PQ + both probes).
+        """One training forward: losses of docs/method.md §1 (stego + PQ + both probes).
 
         Args:
             f, f_pos: backbone features of the anchors and their kNN positives ``[B, C, h, w]``.
@@ -116,13 +123,13 @@ class EQUSSModel(nn.Module):
         """
         fd, fd_pos = self.head.dropout(f), self.head.dropout(f_pos)
         out = self.encode(fd)
-        z_pos = self.head.project(fd_pos)  # the positive view is not quantized (EQUSS_SPEC §1)
+        z_pos = self.head.project(fd_pos)  # the positive view is not quantized (docs/method.md §1)
         stego_loss, stego_terms = stego(fd, fd_pos, out.z, z_pos)
 
         q = out.q.detach().float()
         if not bool(self.cluster_initialized):
             self._init_cluster_probe(q)
-        cluster_loss = self.cluster_probe.loss(q)
+        cluster_loss = self.cluster_probe.loss(q, size=label.shape[-2:] if self.cluster_loss_at == "label" else None)
         linear_loss = self.linear_probe.loss(q, label)  # upsamples its logits to the label size
 
         loss = stego_weight * stego_loss + pq_weight * out.pq_loss + cluster_loss + linear_loss
@@ -136,6 +143,11 @@ class EQUSSModel(nn.Module):
         }
         terms["pq_usage"] = out.pq_stats.usage.detach().float()
         terms["pq_perplexity"] = out.pq_stats.perplexity.detach().float().mean()
+        with torch.no_grad():  # how many clusters the probe predicts, and how evenly (collapse monitor)
+            share = torch.bincount(self.cluster_probe(q).argmax(1).reshape(-1), minlength=self.cluster_probe.n_clusters)
+            share = share.float() / share.sum().clamp_min(1)
+            terms["clusters_used"] = (share > 0).sum().float()
+            terms["cluster_entropy"] = -(share * torch.log2(share.clamp_min(1e-12))).sum()
         return TrainOutput(loss, terms)
 
     @torch.no_grad()
@@ -156,7 +168,7 @@ class EQUSSModel(nn.Module):
         """Probe log-probabilities at ``size``: ``(cluster [B, n_clusters, H, W], linear [B, n_classes, H, W])``.
 
         ``flip_f`` (features of the horizontally flipped images) averages the code of an image and of its
-        flip, as STEGO does (EQUSS_SPEC §9; off by default in EQUSS).
+        flip, as STEGO does (docs/method.md §9; off by default in EQUSS).
         """
         q = self.encode(f).q.float()
         if flip_f is not None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from equss.nn import distributed as D
-from equss.ops import pq_assign, pq_cluster_stats, pq_ema_apply_, pq_ema_update_
+from equss.ops import pq_assign, pq_cluster_stats, pq_ema_apply_
 
 __all__ = ["DEAD_CODE_SEEDS", "EMA_SUMS", "INITS", "LEARNING", "PQCodebook"]
 
@@ -311,15 +311,9 @@ class PQCodebook(nn.Module):
         self.num_reseeded += n
         return n
 
-    def ema_step_(self, x_sum: Tensor, codes: Tensor) -> Tensor:
-        """One EMA update from this step's vectors; returns the (global) counts ``[M, K]``."""
-        x_sum = x_sum.detach()
-        if self._world() == 1:
-            return pq_ema_update_(
-                x_sum, codes, self.cluster_size, self.embed_sum, self.codebooks, self.decay, self.eps,
-                check_range=False,  # codes come straight from pq_assign: no device sync for a range check
-            )
-        counts, sums = pq_cluster_stats(x_sum, codes, self.codebook_size, check_range=False)
+    def ema_update_(self, counts: Tensor, sums: Tensor) -> Tensor:
+        """One EMA step from this step's statistics (``counts [M, K]``, ``sums [M, K, Ds]``, all-reduced
+        over the ranks first); returns the (global) counts."""
         D.all_reduce_sum_(counts, sums, group=self.process_group)
         pq_ema_apply_(counts, sums, self.cluster_size, self.embed_sum, self.codebooks, self.decay, self.eps)
         return counts

@@ -20,6 +20,46 @@ from torch import Tensor, nn
 
 __all__ = ["ClusterProbe", "LinearProbe", "upsample_to"]
 
+_NORM_EPS = 1e-12  # F.normalize's
+
+
+def _source_index(out_size: int, in_size: int, device) -> tuple[Tensor, Tensor]:
+    """For each output position of a bilinear resize (``align_corners=False``): the lower source index and
+    the weight of the upper one, as PyTorch computes them (source coordinates below 0 are clamped)."""
+    src = ((torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp_min(0)
+    lo = src.floor().long().clamp_max(in_size - 1)
+    return lo, (src - lo).to(torch.float32)
+
+
+def _upsampled_norm(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """``‖up(x)‖`` per pixel ``[B, H, W]`` of the bilinear upsampling of ``x [B, D, h, w]``, without forming it.
+
+    With replicate padding the upper neighbour of every source index is index + 1 (a border pixel pairs
+    with itself), so five Gram maps cover every pair of the four source pixels: ``‖x‖²``, right, down,
+    down-right and down-left inner products.
+    """
+    H, W = size
+    xp = F.pad(x.float(), (0, 1, 0, 1), mode="replicate")  # [B, D, h+1, w+1]
+    a, r, d, rd = xp[..., :-1, :-1], xp[..., :-1, 1:], xp[..., 1:, :-1], xp[..., 1:, 1:]
+    g_aa = (a * a).sum(1)
+    g_rr = (r * r).sum(1)
+    g_dd = (d * d).sum(1)
+    g_xx = (rd * rd).sum(1)
+    g_ar, g_ad, g_ax = (a * r).sum(1), (a * d).sum(1), (a * rd).sum(1)
+    g_rd, g_rx, g_dx = (r * d).sum(1), (r * rd).sum(1), (d * rd).sum(1)
+    y0, ly = _source_index(H, x.shape[-2], x.device)
+    x0, lx = _source_index(W, x.shape[-1], x.device)
+    hy, hx = 1 - ly, 1 - lx
+    pick = lambda g: g[:, y0][:, :, x0]  # noqa: E731  [B, H, W]
+    wa = (hy[:, None] * hx[None, :])[None]
+    wr = (hy[:, None] * lx[None, :])[None]
+    wd = (ly[:, None] * hx[None, :])[None]
+    wx = (ly[:, None] * lx[None, :])[None]
+    sq = (wa * wa * pick(g_aa) + wr * wr * pick(g_rr) + wd * wd * pick(g_dd) + wx * wx * pick(g_xx)
+          + 2 * (wa * wr * pick(g_ar) + wa * wd * pick(g_ad) + wa * wx * pick(g_ax)
+                 + wr * wd * pick(g_rd) + wr * wx * pick(g_rx) + wd * wx * pick(g_dx)))
+    return sq.clamp_min(0).sqrt().to(x.dtype)
+
 
 def upsample_to(features: Tensor, size: Sequence[int]) -> Tensor:
     """Bilinear resize ``[B, D, h, w] → [B, D, H, W]`` with ``align_corners=False`` (STEGO/EQUSS eval)."""
@@ -79,9 +119,27 @@ class ClusterProbe(nn.Module):
         centroids, _ = product_kmeans(rows, self.n_clusters, iters=iters, metric="dot", generator=generator)
         self.clusters.copy_(centroids[0].to(self.clusters))
 
-    def loss(self, x: Tensor) -> Tensor:
-        """Hard-assignment loss: ``−mean over pixels of max_n similarity`` (all pixels, no labels)."""
-        return -self(x).max(dim=1).values.mean()
+    def loss(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
+        """Hard-assignment loss: ``−mean over pixels of max_n similarity`` (all pixels, no labels).
+
+        ``size``: the mean is over the pixels of ``x`` upsampled bilinearly (``align_corners=False``) to this
+        ``(H, W)`` — what the EQUSS authors' training does (their evaluator upsamples q to the label size
+        before both probes). Computed without forming the ``[B, D, H, W]`` upsampled features: bilinear
+        upsampling is linear, so ``up(x)·ĉ_n = up(x·ĉ_n)`` (an ``n_clusters``-channel map), and the norm of
+        each upsampled pixel is a quadratic form in its four source pixels, ``‖Σ_i w_i x_i‖² =
+        Σ_ij w_i w_j ⟨x_i, x_j⟩``, built from five neighbour Gram maps at the feature resolution
+        (:func:`_upsampled_norm`). Equal to upsampling first up to fp32 rounding, at ``~n_clusters/D`` of
+        its memory and time.
+        """
+        if size is None or tuple(x.shape[-2:]) == tuple(int(s) for s in size[-2:]):
+            return -self(x).max(dim=1).values.mean()
+        _check_features(x, self.dim, "ClusterProbe")
+        H, W = (int(s) for s in size[-2:])
+        c = F.normalize(self.clusters, dim=1).to(x.dtype)
+        dots = torch.einsum("bdhw,nd->bnhw", x, c)  # x·ĉ at the feature resolution
+        num = F.interpolate(dots, size=(H, W), mode="bilinear", align_corners=False)
+        den = _upsampled_norm(x.detach(), (H, W)).clamp_min(_NORM_EPS).unsqueeze(1)
+        return -(num / den).max(dim=1).values.float().mean()
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:

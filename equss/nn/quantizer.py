@@ -3,33 +3,37 @@
 The feature dimension ``D`` of the input is split into ``M`` contiguous sub-vectors of ``Ds = D / M``
 channels (sub-vector ``m`` holds channels ``m·Ds … (m+1)·Ds − 1``, like ``torch.chunk``); each is
 replaced by the nearest of the ``K`` codewords of its own codebook. All ``M`` subspaces are handled by
-one call of each op (``pq_assign``, ``pq_gather``, ``pq_cluster_stats`` / ``pq_ema_update_``): there
+one call of the fused op ``pq_assign_gather`` (assignment, gather, squared error and the step's
+statistics in one pass over the input; then ``pq_ema_apply_`` for EMA codebooks): there
 is no Python loop over ``M``.
 
-Shapes (glossary in DESIGN.md): ``N`` vectors, ``M`` subspaces, ``K`` codewords, ``Ds`` subspace dim.
+Shapes (glossary in docs/method.md): ``N`` vectors, ``M`` subspaces, ``K`` codewords, ``Ds`` subspace dim.
 Internally ``x: [N, M, Ds]``, ``codebooks: [M, K, Ds]``, ``codes: [N, M]``.
 
-The EQUSS paper's quantization head (``shared/EQUSS_SPEC.md`` §4) is the default configuration, see
+The EQUSS paper's quantization head (docs/method.md §4) is the default configuration, see
 :meth:`ProductQuantizer.equss`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from equss.nn import distributed as D
 from equss.nn.codebook import NORM_EPS, PQCodebook, choice
-from equss.ops import pq_assign, pq_gather
+from equss.ops import pq_assign_gather, pq_gather
 
 __all__ = ["PQOutput", "PQStats", "ProductQuantizer"]
 
 NORMALIZE = ("l2", "none")
 OUTPUTS = ("raw", "normalized")
+ON_INVALID = ("skip", "raise")
 _NORM_EPS = NORM_EPS
 # State-dict entries that moved into the ``codebook`` submodule (checkpoint format 1 had them here).
 _CODEBOOK_STATE = ("codebooks", "cluster_size", "embed_sum", "initialized", "total_counts", "steps_unused",
@@ -43,8 +47,10 @@ class PQStats(NamedTuple):
         usage: scalar, fraction of the ``K`` codewords used this step, averaged over the ``M`` subspaces.
         usage_per_subspace: ``[M]``, the same per subspace.
         perplexity: ``[M]``, ``exp(entropy)`` of this step's code histogram per subspace (``K`` = uniform use).
-        counts: ``[M, K]`` float32, this step's assignments per codeword.
+        counts: ``[M, K]`` float32, this step's assignments per codeword (valid sub-vectors only).
         num_reseeded: scalar int64, dead codewords re-seeded in this step (0 outside training).
+        num_invalid: scalar int64, input sub-vectors (of the ``N·M``) that were not finite this step: they
+            got code 0, took no part in the loss, the gradient or any codebook update (``on_invalid``).
     """
 
     usage: Tensor
@@ -52,6 +58,7 @@ class PQStats(NamedTuple):
     perplexity: Tensor
     counts: Tensor
     num_reseeded: Tensor
+    num_invalid: Tensor
 
 
 class PQOutput(NamedTuple):
@@ -112,36 +119,43 @@ class _L2Normalize(torch.autograd.Function):
 
 
 class _StraightThroughVQ(torch.autograd.Function):
-    """Straight-through output and the VQ loss from one residual ``d = c − x̂`` (``[N, M, Ds]``).
+    """Straight-through output and the VQ loss, from the squared errors the fused op already computed.
 
-    Forward: ``q = c`` (the same values, no copy) and ``loss = (w_c + w_x)·mean(d²)``.
-    Backward: ``∂/∂x̂ = g_q − 2·w_x·g_loss·d/n`` and ``∂/∂c = 2·w_c·g_loss·d/n`` (``n`` = numel).
+    Inputs: ``x̂ [N, M, Ds]``, the gathered codewords ``c [N, M, Ds]`` (differentiable w.r.t. the
+    codebooks through ``pq_assign_gather``), their squared errors ``sq_err [N, M]`` and ``valid [N, M]``
+    (the sub-vectors with a finite norm; the others take no part in the loss or the gradient).
+
+    Forward: ``q = c`` (the same values, no copy) and ``loss = (w_c + w_x)·Σ_valid sq_err / n`` with
+    ``n = Ds·#valid``, summed in float64 (an fp32 sum of 800k terms loses ~1e-5 relative; the value then
+    matches ``F.mse_loss`` to ~1e-8).
+    Backward, with ``d = c − x̂`` on the valid sub-vectors and 0 elsewhere:
+    ``∂/∂x̂ = g_q − 2·w_x·g_loss·d/n`` and ``∂/∂c = 2·w_c·g_loss·d/n``.
 
     This is exactly ``q = x̂ + (c − x̂).detach()`` with ``w_c·mse(c, x̂.detach()) + w_x·mse(x̂, c.detach())``
-    (the authors' formulation; ``w_c = 0`` for EMA codebooks), but only ``d`` is kept for backward and the
-    output costs no extra pass over N·D elements — these elementwise passes cost more than the fused
-    assignment at the EQUSS shape.
+    (the authors' formulation; ``w_c = 0`` for EMA codebooks), but the forward makes no pass over the
+    N·D elements (the op wrote ``sq_err``) and ``d`` is formed once, in backward.
     """
 
     @staticmethod
-    def forward(ctx, x_hat: Tensor, c: Tensor, w_c: float, w_x: float) -> tuple[Tensor, Tensor]:
-        d = c - x_hat
-        n = max(d.numel(), 1)
-        flat = d.reshape(-1)
-        loss = torch.dot(flat, flat) * ((w_c + w_x) / n)  # one read pass, accumulated by BLAS in d's dtype
-        ctx.save_for_backward(d)
-        ctx.scale_x, ctx.scale_c = -2.0 * w_x / n, 2.0 * w_c / n
+    def forward(ctx, x_hat: Tensor, c: Tensor, sq_err: Tensor, valid: Tensor, w_c: float, w_x: float):
+        n = (valid.sum() * x_hat.shape[-1]).clamp_min(1).to(torch.float64)
+        total = torch.where(valid, sq_err, 0.0).sum(dtype=torch.float64)
+        loss = (total * (w_c + w_x) / n).to(torch.float32)
+        ctx.save_for_backward(x_hat, c, valid, n)
+        ctx.w_c, ctx.w_x = w_c, w_x
         return c.detach(), loss
 
     @staticmethod
     def backward(ctx, grad_q: Tensor, grad_loss: Tensor):
-        (d,) = ctx.saved_tensors
+        x_hat, c, valid, n = ctx.saved_tensors
+        d = torch.where(valid.unsqueeze(-1), c - x_hat, 0.0)
+        g = grad_loss.to(torch.float64) / n  # the scales are formed in float64 and rounded once
         grad_x = grad_c = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.addcmul(grad_q, d, (grad_loss * ctx.scale_x).to(d.dtype))
+            grad_x = torch.addcmul(grad_q, d, (-2.0 * ctx.w_x * g).to(d.dtype))
         if ctx.needs_input_grad[1]:
-            grad_c = d * (grad_loss * ctx.scale_c).to(d.dtype)
-        return grad_x, grad_c, None, None
+            grad_c = d * (2.0 * ctx.w_c * g).to(d.dtype)
+        return grad_x, grad_c, None, None, None, None
 
 
 class ProductQuantizer(nn.Module):
@@ -218,6 +232,9 @@ class ProductQuantizer(nn.Module):
         kmeans_iters: Lloyd iterations after seeding (10).
         dead_code_steps: re-seed codewords unused this many consecutive steps; 0 (default, the paper) = off.
         dead_code_seed: ``"random"`` (default) or ``"farthest"``.
+        on_invalid: what a non-finite input sub-vector does: ``"skip"`` (default) gives it code 0 and leaves it
+            out of the loss, the gradient and every codebook update (counted in ``stats.num_invalid``);
+            ``"raise"`` raises ``FloatingPointError`` (one device sync per step).
         process_group: the group to synchronise over (default: the world group).
 
     Example::
@@ -246,6 +263,7 @@ class ProductQuantizer(nn.Module):
         kmeans_iters: int = 10,
         dead_code_steps: int = 0,
         dead_code_seed: str = "random",
+        on_invalid: str = "skip",
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
@@ -269,6 +287,7 @@ class ProductQuantizer(nn.Module):
             raise TypeError(f"ProductQuantizer: channel_dim must be an int, got {channel_dim!r}")
         self.normalize = choice(normalize, NORMALIZE, "normalize")
         self.output = choice(output, OUTPUTS, "output")
+        self.on_invalid = choice(on_invalid, ON_INVALID, "on_invalid")
         if not beta >= 0.0 or not codebook_weight >= 0.0:
             raise ValueError(
                 f"ProductQuantizer: beta and codebook_weight must be >= 0, got {beta}, {codebook_weight}"
@@ -359,10 +378,6 @@ class ProductQuantizer(nn.Module):
         width = self.dim if t.dim() == 3 else self.num_subspaces
         return t.reshape(*lead, width).movedim(-1, axis)
 
-    def _assign(self, x_hat: Tensor, codebooks: Tensor) -> tuple[Tensor, Tensor]:
-        with torch.no_grad():
-            return pq_assign(x_hat.detach(), self.codebook.assign_space(codebooks.detach()), self.metric)
-
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> PQOutput:
         """Quantize ``x`` (``D`` channels in ``channel_dim``); see the class docstring.
@@ -375,55 +390,64 @@ class ProductQuantizer(nn.Module):
         # Assignment, loss and EMA in fp32 (or fp64 for fp64 inputs) whatever autocast says: bf16 distances
         # flip near-tie assignments and bf16 EMA sums lose the small per-step contributions.
         compute = torch.promote_types(torch.promote_types(flat.dtype, torch.float32), self.codebooks.dtype)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        # (meta/fake tensors have no autocast: nothing to disable there)
+        no_autocast = (
+            torch.autocast(device_type=x.device.type, enabled=False)
+            if torch.amp.is_autocast_available(x.device.type)
+            else contextlib.nullcontext()
+        )
+        with no_autocast:
             xf = flat.to(compute)
             x_hat = _L2Normalize.apply(xf) if self.normalize == "l2" else xf
             training = self.training
-            if training and not self._init_checked:
+            # Shape-only tensors (meta, fake) carry no data to initialise from: they skip the check.
+            if training and not self._init_checked and xf.device.type != "meta" and not is_fake(xf):
                 if not bool(self.codebook.initialized):  # a device sync, so only until it has been seen True
                     self.codebook.initialize_(xf.detach(), x_hat.detach())
                 self._init_checked = True
 
-            codes, min_dist = self._assign(x_hat, self.codebooks)
-            c = pq_gather(codes, self.codebooks, check_range=False).to(compute)
-            c_out = F.normalize(c, dim=-1, eps=_NORM_EPS) if self.output == "normalized" else c
+            cb = self.codebook
+            ema = training and self.learning == "ema"
+            # The codewords the output takes (differentiable for "param") and those the distances use.
+            c_src = cb.codebooks.to(compute)
+            c_out_book = F.normalize(c_src, dim=-1, eps=_NORM_EPS) if self.output == "normalized" else c_src
+            codes, min_dist, c_out, sq_err, counts, sums = pq_assign_gather(
+                x_hat.detach(),
+                cb.assign_space(cb.codebooks.detach()).to(compute),
+                self.metric,
+                codebooks_out=c_out_book,
+                stats_x=cb.update_target(xf, x_hat).detach() if ema else None,
+            )
+            valid = ~torch.isnan(min_dist)  # the sub-vectors with a finite norm (ops/reference.py)
             codebook_weight = self.codebook_weight if self.learning == "param" else 0.0
-            quantized, loss = _StraightThroughVQ.apply(x_hat, c_out, codebook_weight, self.beta)
-            loss = loss.float()
+            quantized, loss = _StraightThroughVQ.apply(x_hat, c_out, sq_err, valid, codebook_weight, self.beta)
 
             with torch.no_grad():
-                cb = self.codebook
-                if training and self.learning == "ema":
-                    counts = cb.ema_step_(cb.update_target(xf, x_hat), codes)
-                else:
-                    counts = self._counts(codes)
-                    if training:
-                        D.all_reduce_sum_(counts, group=self.process_group)
+                num_invalid = (~valid).sum()
+                if self.on_invalid == "raise" and bool(num_invalid > 0):  # a device sync, only when asked
+                    raise FloatingPointError(
+                        f"ProductQuantizer: {int(num_invalid)} of {valid.numel()} input sub-vectors are not "
+                        f"finite (NaN/inf); on_invalid='skip' leaves them out of the loss and codebook updates"
+                    )
+                if ema:
+                    counts = cb.ema_update_(counts, sums)
+                elif training:
+                    D.all_reduce_sum_(counts, group=self.process_group)
                 reseeded = torch.zeros((), dtype=torch.int64, device=x.device)
                 if training:
                     cb.total_counts += counts.to(torch.int64)
                     if cb.dead_code_steps > 0:
                         reseeded = cb.expire_dead_codes_(counts, cb.update_target(xf, x_hat).detach(), min_dist)
-                stats = self._stats(counts, reseeded)
+                stats = self._stats(counts, reseeded, num_invalid)
 
         quantized = self._unflatten(quantized.to(out_dtype), lead, axis)
         return PQOutput(quantized, self._unflatten(codes, lead, axis), loss, stats)
 
-    def _counts(self, codes: Tensor) -> Tensor:
-        """``[M, K]`` float32 histogram of ``codes [N, M]`` (one bincount over subspace-offset codes)."""
-        M, K = self.num_subspaces, self.codebook_size
-        offsets = torch.arange(M, device=codes.device, dtype=torch.int64) * K
-        flat = (codes.long() + offsets).reshape(-1)
-        # scatter_add instead of bincount: bincount reads max(codes) back to size its output (a device sync).
-        # Float atomics adding 1.0 are exact up to 2^24 per codeword.
-        counts = torch.zeros(M * K, dtype=torch.float32, device=codes.device)
-        return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float32)).reshape(M, K)
-
-    def _stats(self, counts: Tensor, reseeded: Tensor) -> PQStats:
+    def _stats(self, counts: Tensor, reseeded: Tensor, num_invalid: Tensor) -> PQStats:
         usage_per_subspace = (counts > 0).float().mean(dim=1)
         p = counts / counts.sum(dim=1, keepdim=True).clamp_min(1.0)
         perplexity = torch.special.entr(p).sum(dim=1).exp()
-        return PQStats(usage_per_subspace.mean(), usage_per_subspace, perplexity, counts, reseeded)
+        return PQStats(usage_per_subspace.mean(), usage_per_subspace, perplexity, counts, reseeded, num_invalid)
 
     # ----------------------------------------------------------------------------------------- decode
     def codes_to_output(self, codes: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ Every backend (C++ extension, CUDA, Triton) is tested against these functions, a
 tested against float64 brute force on tiny shapes. They take already-validated, contiguous inputs (the
 public wrappers in :mod:`equss.ops` validate) and always accumulate in float32.
 
-Shapes (glossary in DESIGN.md): ``x: [N, M, Ds]``, ``codebooks: [M, K, Ds]``, ``codes: [N, M]``.
+Shapes (glossary in docs/method.md): ``x: [N, M, Ds]``, ``codebooks: [M, K, Ds]``, ``codes: [N, M]``.
 
 Conventions shared by every backend:
 
