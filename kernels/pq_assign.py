@@ -147,6 +147,18 @@ def _top2_idx(a1, a2, ia, c1, c2, ic):
 
 
 @triton.jit
+def _dmask(d, Ds, ALIGNED: tl.constexpr):
+    """``d < Ds``; with ``ALIGNED`` (the tensor-core kernel runs only for Ds % 4 == 0) written so that it is
+    visibly constant over aligned groups of 4. Together with offsets declared multiples of 4 (with
+    ``tl.multiple_of`` in the function that loads: the hint does not survive a helper's return) this
+    gives 16-byte (fp32) / 8-byte (bf16) vector loads, stores and atomics without knowing Ds."""
+    if ALIGNED:
+        return ((d // 4) * 4) < Ds
+    else:
+        return d < Ds
+
+
+@triton.jit
 def _group_top2(key, EXACT_DOT: tl.constexpr):
     """``[R, A, 8]`` keys → best and second best over axis 1 (the thread-local axis), NaN-propagating.
 
@@ -199,8 +211,7 @@ def _group_keys(xt, xh, xl, ct_hi, ct_lo, bias_ptr, kk, aa, BLOCK_N: tl.constexp
         if L2:
             acc = acc * 2.0
     if L2:
-        bias = tl.load(bias_ptr + kk)
-        acc = acc + tl.minimum(bias, _INVALID_BIAS)[None, :]
+        acc = acc + tl.load(bias_ptr + kk)[None, :]
     key = _pack(tl.reshape(acc, [BLOCK_N, A, 8]), aa[None, :, None], A, EXACT_DOT)
     return _group_top2(key, EXACT_DOT)
 
@@ -231,6 +242,7 @@ def _fma_rows(
     D_LOOP: tl.constexpr,
     PRECISION: tl.constexpr,
     NATIVE: tl.constexpr,  # half inputs: the products run in the input dtype (exact in fp32)
+    ALIGNED: tl.constexpr,  # Ds % 4 == 0 (see _al)
     EXACT_DOT: tl.constexpr,
 ):
     """Exact-tie assignment of ``R`` rows over all ``K`` codewords: returns ``(best, code, x_sq, xf)``
@@ -243,9 +255,12 @@ def _fma_rows(
     """
     d = tl.arange(0, BLOCK_D)
     kk = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + rows * (M * Ds) + m * Ds
+    if ALIGNED:
+        x_rows = x_ptr + tl.multiple_of(rows * (M * Ds) + m * Ds, 4)
+    else:
+        x_rows = x_ptr + rows * (M * Ds) + m * Ds
     if not D_LOOP:
-        dm = d < Ds
+        dm = _dmask(d, Ds, ALIGNED)
         xt = tl.load(x_rows[:, None] + d[None, :], mask=rmask[:, None] & dm[None, :], other=0.0)
         xf = xt.to(tl.float32)
         x_sq = tl.sum(xf * xf, axis=1)
@@ -267,7 +282,11 @@ def _fma_rows(
         km = ks < K
         bias = tl.load(bias_ptr + ks, mask=km, other=_INF)
         if not D_LOOP:
-            ct = tl.load(cb_base + ks[:, None] * Ds + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+            if ALIGNED:
+                c_el = tl.multiple_of(ks * Ds, 4)
+            else:
+                c_el = ks * Ds
+            ct = tl.load(cb_base + c_el[:, None] + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
             if not NATIVE:
                 ct = ct.to(tl.float32)
             if EXACT_DOT:
@@ -325,6 +344,7 @@ def _finish_rows(
     R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     D_LOOP: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """Store codes and min_dist, and (``fused``) the training forward's epilogue for these rows:
     ``quantized`` (a bit-exact copy of ``codebooks_out[m, code]``), ``sq_err`` and the statistics as fp32
@@ -333,27 +353,37 @@ def _finish_rows(
     tl.store(codes_ptr + out_base + out_off, code, mask=done)
     tl.store(dist_ptr + out_base + out_off, md, mask=done)
     if fused != 0:
-        d = tl.arange(0, BLOCK_D)
-        x_rows = x_ptr + el_base + el_off
-        sx_rows = sx_ptr + el_base + el_off
-        q_dst = q_ptr + el_base + el_off
-        q_src = cbo_ptr + m * K * Ds + code * Ds
-        s_dst = sums_ptr + m * K * Ds + code * Ds
+        # Without ALIGNED the loads cannot be vectorised and every element carries its own 64-bit address:
+        # the epilogue then walks Ds in 8-wide chunks (a full tile of pointers cost ~90 registers).
+        EPI_D: tl.constexpr = BLOCK_D if ALIGNED else 8
+        d = tl.arange(0, EPI_D)
+        if ALIGNED:
+            row_el = tl.multiple_of(el_base + el_off, 4)
+            cw_el = tl.multiple_of(m * K * Ds + code * Ds, 4)
+        else:
+            row_el = el_base + el_off
+            cw_el = m * K * Ds + code * Ds
+        x_rows = x_ptr + row_el
+        sx_rows = sx_ptr + row_el
+        q_dst = q_ptr + row_el
+        q_src = cbo_ptr + cw_el
+        s_dst = sums_ptr + cw_el
         keep = done & row_ok
-        if not D_LOOP:
-            msk = done[:, None] & (d < Ds)[None, :]
+        if ALIGNED and not D_LOOP:
+            dmk = _dmask(d, Ds, ALIGNED)
+            msk = done[:, None] & dmk[None, :]
             qc = tl.load(q_src[:, None] + d[None, :], mask=msk, other=0.0)
             tl.store(q_dst[:, None] + d[None, :], qc, mask=msk)
             diff = xf - qc.to(tl.float32)
             tl.store(err_ptr + out_base + out_off, tl.sum(diff * diff, axis=1), mask=done)
             if stats == 2:
-                smsk = keep[:, None] & (d < Ds)[None, :]
+                smsk = keep[:, None] & dmk[None, :]
                 sx = tl.load(sx_rows[:, None] + d[None, :], mask=smsk, other=0.0).to(tl.float32)
                 keep = keep & (tl.sum(sx * sx, axis=1) < _INF)
-                tl.atomic_add(s_dst[:, None] + d[None, :], sx, mask=keep[:, None] & (d < Ds)[None, :], sem="relaxed")
+                tl.atomic_add(s_dst[:, None] + d[None, :], sx, mask=keep[:, None] & dmk[None, :], sem="relaxed")
         else:
             err = tl.zeros([R], dtype=tl.float32)
-            for d0 in range(0, Ds, BLOCK_D):
+            for d0 in range(0, Ds, EPI_D):
                 dd = d0 + d
                 msk = done[:, None] & (dd < Ds)[None, :]
                 qc = tl.load(q_src[:, None] + dd[None, :], mask=msk, other=0.0)
@@ -364,13 +394,13 @@ def _finish_rows(
             tl.store(err_ptr + out_base + out_off, err, mask=done)
             if stats == 2:
                 sx_sq = tl.zeros([R], dtype=tl.float32)
-                for d0 in range(0, Ds, BLOCK_D):
+                for d0 in range(0, Ds, EPI_D):
                     dd = d0 + d
                     sx = tl.load(sx_rows[:, None] + dd[None, :], mask=keep[:, None] & (dd < Ds)[None, :], other=0.0)
                     sx = sx.to(tl.float32)
                     sx_sq += tl.sum(sx * sx, axis=1)
                 keep = keep & (sx_sq < _INF)
-                for d0 in range(0, Ds, BLOCK_D):
+                for d0 in range(0, Ds, EPI_D):
                     dd = d0 + d
                     msk = keep[:, None] & (dd < Ds)[None, :]
                     sx = tl.load(sx_rows[:, None] + dd[None, :], mask=msk, other=0.0).to(tl.float32)
@@ -392,7 +422,7 @@ def _assign_tc_kernel(
     err_ptr,  # [N, M] fp32 (fused)
     counts_ptr,  # [M, K] fp32, zero-initialised (fused, stats ≥ 1)
     sums_ptr,  # [M, K, Ds] fp32, zero-initialised (fused, stats == 2)
-    bias_ptr,  # [M·P, NG·KG] fp32 scratch: each program's bias row (written in its prologue)
+    bias_ptr,  # [M·P, 2·NG·KG] fp32 scratch: each program's two bias rows (written in its prologue)
     flag_ptr,  # [M, P·tiles_per_prog·BLOCK_N] int32 scratch: each program's flagged rows
     nflag_ptr,  # [M·P] int32 scratch: each program's flagged-row count
     tile_ptr,  # [M·P, 2, 2, BLOCK_N] int32/fp32 scratch: each program's per-row verdicts (double-buffered)
@@ -405,6 +435,7 @@ def _assign_tc_kernel(
     n_groups,  # cdiv(K, KG) ≤ NG
     fused,
     stats,
+    keep_tc,  # 0; 1 only in tests: every valid row keeps the tensor-core winner (no recheck)
     gap_a,  # flag bound: the keys are within gap_a·||x||·max||c|| + gap_b·max||c||² of the distances
     gap_b,
     BLOCK_N: tl.constexpr,
@@ -422,9 +453,10 @@ def _assign_tc_kernel(
     m = tl.program_id(1).to(tl.int64)
     prog = m * P + pid
     d = tl.arange(0, BLOCK_D)
-    dm = d < Ds
+    dm = _dmask(d, Ds, True)  # Ds % 4 == 0 (pick_config)
     kk = tl.arange(0, KG)
-    bias_row = bias_ptr + prog * (NG * KG)
+    bias_row = bias_ptr + prog * (2 * NG * KG)  # the keys' bias (invalid: 2^127) ...
+    fma_bias = bias_row + NG * KG  # ... and the FMA recheck's (invalid: +inf; valid ||c||² may exceed 2^127)
 
     # ---- prologue: the subspace's codebook, once per program ---------------------------------------
     # Invalid (non-finite ||c||²) and padded (k ≥ K) codewords become zero vectors; l2 also gives them
@@ -437,11 +469,14 @@ def _assign_tc_kernel(
     for g in tl.static_range(NG):
         ks = g * KG + kk
         km = ks < K
-        c = tl.load(cb_ptr + (m * K + ks[:, None]) * Ds + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+        c = tl.load(cb_ptr + tl.multiple_of((m * K + ks) * Ds, 4)[:, None] + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
         cf = c.to(tl.float32)
         c_sq = tl.sum(cf * cf, axis=1)
         c_ok = km & (c_sq < _INF)  # c_sq ≥ 0 or NaN: NaN and +inf fail
-        tl.store(bias_row + ks, tl.where(c_ok, c_sq if L2 else 0.0, _INF))  # the FMA recheck's bias
+        # The bias row: ||c||² (l2) or 0 (dot) for valid codewords; invalid and padded ones get 2^127 (finite, so
+        # that their packed l2 keys stay finite and above the never-final limit; the FMA recheck has its own row, fma_bias, with +inf).
+        tl.store(bias_row + ks, tl.where(c_ok, c_sq if L2 else 0.0, _INVALID_BIAS))
+        tl.store(fma_bias + ks, tl.where(c_ok, c_sq if L2 else 0.0, _INF))
         cmax2 = tl.maximum(cmax2, tl.max(tl.where(c_ok, c_sq, 0.0), axis=0))
         cf = tl.where(c_ok[:, None], cf, 0.0)
         if SPLIT:
@@ -469,16 +504,15 @@ def _assign_tc_kernel(
     # Addresses: an int64 scalar base per tile plus loop-invariant int32 offsets inside the tile (the
     # launcher checks BLOCK_N·M·Ds < 2^31), so a tile costs no 64-bit arithmetic per element.
     el_off = nn * (M * Ds)
-    x_off = el_off[:, None] + d[None, :]
     out_off = nn * M
-    cw_base = cb_ptr + m * K * Ds
     for t in range(t_begin, t_end):
         row0 = t.to(tl.int64) * BLOCK_N if not EXACT_DOT else t * BLOCK_N
         el_base = row0 * (M * Ds) + m * Ds
-        rmask = nn < N - row0
+        rmask = nn < N - t * BLOCK_N  # int32: t·BLOCK_N < N < 2^31
         xm = rmask[:, None] & dm[None, :]
+        x_tile = x_ptr + tl.multiple_of(el_base + el_off, 4)[:, None] + d[None, :]
         # ---- phase A: tensor-core distances, packed-key top-2, the row's verdict ----------------------
-        xt = tl.load(x_ptr + el_base + x_off, mask=xm, other=0.0)
+        xt = tl.load(x_tile, mask=xm, other=0.0)
         xa = xt.to(tl.float32)
         x_sq = tl.sum(xa * xa, axis=1)
         if SPLIT:
@@ -501,7 +535,12 @@ def _assign_tc_kernel(
         pos = j8[None, :] + gi * KG + (b1.to(tl.int32, bitcast=True) & (A - 1)) * 8
         v1, v2, k1 = _row_top2(b1, b2, pos, EXACT_DOT)
         row_ok = rmask & (x_sq < _INF)
-        clear = row_ok & (v2 - v1 > thr_a * tl.sqrt(x_sq) + thr_b) & (tl.abs(v1) < _BIG_KEY) & (k1 < K)  # NaN → False
+        gap_ok = (v2 - v1 > thr_a * tl.sqrt(x_sq) + thr_b) | (keep_tc != 0)
+        clear = row_ok & gap_ok & (tl.abs(v1) < _BIG_KEY) & (k1 < K)  # NaN anywhere → False
+        if not L2:
+            # A zeroed (invalid or padded) codeword's key is exactly its 3 position bits: a winner that small
+            # is rechecked (a valid one there has |x·c| < 2^-120: harmless), so phase B needs no validity look-up.
+            clear = clear & (tl.abs(v1) > 2.0**-120)
         # The verdict (code, or −1: recheck, −2: invalid row) goes through this program's scratch slots: a
         # memory round trip is the one boundary the layout optimiser does not cross. Without it, it
         # re-materialises the row reduction (and every group's state feeding it) in the layouts of the
@@ -518,25 +557,25 @@ def _assign_tc_kernel(
         k1 = tl.maximum(cand, 0)
         # x again (an L2 hit; the distinct cache hint keeps the compiler from merging it with phase A's
         # load, which would keep the fp32 tile, in a second layout, live through every group)
-        xf = tl.load(x_ptr + el_base + x_off, mask=xm, other=0.0, cache_modifier=".cg").to(tl.float32)
-        # min_dist of the winner in fp32, from the fp32 codeword and its ||c||² of the prologue (the bias row
-        # holds ||c||² or 0 for a valid codeword and +inf for an invalid one).
-        cw = tl.load(cw_base + (k1 * Ds)[:, None] + d[None, :], mask=xm, other=0.0).to(tl.float32)
+        xf = tl.load(x_tile, mask=xm, other=0.0, cache_modifier=".cg").to(tl.float32)
+        # min_dist of the winner in fp32, from the fp32 codeword (and, l2, its ||c||² of the prologue).
+        cw = tl.load(cb_ptr + tl.multiple_of(m * K * Ds + k1 * Ds, 4)[:, None] + d[None, :], mask=xm, other=0.0).to(tl.float32)
         dot = tl.sum(xf * cw, axis=1)
-        w_bias = tl.load(bias_row + k1, mask=rmask, other=_INF)
-        final = clear & (w_bias < _INF)
-        flag = row_ok & ~final
-        if L2:
+        if L2:  # ||c||² of the winner (an invalid winner, bias 2^127, has a key ≥ 2^126: not clear)
+            w_bias = tl.load(bias_row + k1, mask=rmask, other=_INF)
+            final = clear
             md = (w_bias - 2.0 * dot) + tl.load(slot_buf + BLOCK_N + nn).to(tl.float32, bitcast=True)
             md = tl.where(md < 0.0, 0.0, md)
         else:
+            final = clear
             md = -dot
+        flag = row_ok & ~final
         md = tl.where(final, md, float("nan"))
         code = tl.where(final, k1, 0)
         done = rmask & ~flag  # final rows and invalid rows (code 0, NaN)
         _finish_rows(
             x_ptr, el_base, el_off, row0 * M + m, out_off, xf, done, row_ok, code, md, m, M, K, Ds, cbo_ptr, sx_ptr,
-            codes_ptr, dist_ptr, q_ptr, err_ptr, counts_ptr, sums_ptr, fused, stats, BLOCK_N, BLOCK_D, False,
+            codes_ptr, dist_ptr, q_ptr, err_ptr, counts_ptr, sums_ptr, fused, stats, BLOCK_N, BLOCK_D, False, True,
         )
         slot = tl.atomic_add(nflag_ptr + prog + nn * 0, 1, mask=flag, sem="relaxed")
         tl.store(flag_list + slot, (row0 + nn).to(tl.int32), mask=flag)
@@ -549,7 +588,7 @@ def _assign_tc_kernel(
         fmask = f0 + ff < n_flag
         rows = tl.load(flag_list + f0 + ff, mask=fmask, other=0).to(tl.int64)
         best, code, x_sq, xf = _fma_rows(
-            x_ptr, rows, fmask, m, cb_ptr, bias_row, M, K, Ds, BLOCK_F, 64, BLOCK_D, False, "ieee", False, EXACT_DOT
+            x_ptr, rows, fmask, m, cb_ptr, fma_bias, M, K, Ds, BLOCK_F, 32, BLOCK_D, False, "ieee", False, True, EXACT_DOT
         )
         if L2:
             md = best + x_sq
@@ -558,7 +597,7 @@ def _assign_tc_kernel(
             md = 0.5 * best
         _finish_rows(
             x_ptr, m * Ds, rows * (M * Ds), m, rows * M, xf, fmask, fmask, code, md, m, M, K, Ds, cbo_ptr, sx_ptr,
-            codes_ptr, dist_ptr, q_ptr, err_ptr, counts_ptr, sums_ptr, fused, stats, BLOCK_F, BLOCK_D, False,
+            codes_ptr, dist_ptr, q_ptr, err_ptr, counts_ptr, sums_ptr, fused, stats, BLOCK_F, BLOCK_D, False, True,
         )
 
 
@@ -622,7 +661,7 @@ def _assign_generic_kernel(
         rmask = rows < N
         best, code, x_sq, xf = _fma_rows(
             x_ptr, rows, rmask, m, cb_ptr, bias_row, M, K, Ds, BLOCK_N, BLOCK_K, BLOCK_D, D_LOOP, PRECISION,
-            NATIVE, EXACT_DOT,
+            NATIVE, False, EXACT_DOT,
         )
         if l2_weight != 0.0:
             md = best + x_sq
@@ -634,7 +673,7 @@ def _assign_generic_kernel(
         md = tl.where(row_ok, md, float("nan"))
         _finish_rows(
             x_ptr, m * Ds, rows * (M * Ds), m, rows * M, xf, rmask, row_ok, code, md, m, M, K, Ds, cbo_ptr, sx_ptr,
-            codes_ptr, dist_ptr, q_ptr, err_ptr, counts_ptr, sums_ptr, fused, stats, BLOCK_N, BLOCK_D, D_LOOP,
+            codes_ptr, dist_ptr, q_ptr, err_ptr, counts_ptr, sums_ptr, fused, stats, BLOCK_N, BLOCK_D, D_LOOP, False,
         )
 
 
@@ -720,8 +759,7 @@ class AssignConfig:
 # Tensor-core kernel: 64-codeword groups, at most 4 (K ≤ 256, 4 warps = one warpgroup per 64-row tile,
 # several programs per SM) or 16 (K ≤ 1024: 128 KB of resident split codebook, one program per SM, so 8
 # warps = two warpgroups that overlap each other's products and epilogues). Ds ≤ 32 (BLOCK_D = 32).
-TC_KG = 64
-TC_CLASSES = ((4, 4, 64), (16, 8, 128))  # (NG, num_warps, BLOCK_N)
+TC_CLASSES = ((64, 4, 4, 64), (64, 16, 8, 128))  # (KG, NG, num_warps, BLOCK_N)
 TC_MAX_DS = 32
 TC_BLOCK_F = 32
 _TC_DTYPES = ((torch.float32, "exact"), (torch.bfloat16, "native"))
@@ -731,13 +769,21 @@ def _generic_dtype_precisions() -> list[tuple[torch.dtype, str]]:
     return [(torch.float32, p) for p in ("ieee", "tf32x3", "tf32")] + [(torch.float16, "native"), (torch.bfloat16, "native")]
 
 
-_GENERIC_D = ((32, False), (32, True))
+_GENERIC_D = ((32, False), (16, True))
+
+
+def _generic_launch(dtype: torch.dtype, d_loop: bool) -> tuple[int, int, int, int]:
+    """(num_warps, num_stages, BLOCK_N, BLOCK_K) of the streaming kernel. fp32 products (FMA chains or the
+    split tf32 forms) hold their operands' whole Ds chunk per thread, and the per-thread element-wise
+    state adds a value and an index per output: 8 warps, 32-codeword chunks and (for Ds > 32) 16-wide
+    Ds chunks keep every variant within the registers of sm_80 and sm_90 (4 warps or 64 codewords spilled)."""
+    return 8, (1 if d_loop else 2), 64, 32
 
 CONFIGS: tuple[AssignConfig, ...] = tuple(
-    AssignConfig("tc", dtype, prec, metric, TC_MAX_DS, False, warps, 2, bn, TC_KG, ng)
-    for (dtype, prec), (ng, warps, bn), metric in itertools.product(_TC_DTYPES, TC_CLASSES, ("l2", "dot"))
+    AssignConfig("tc", dtype, prec, metric, TC_MAX_DS, False, warps, 2, bn, kg, ng)
+    for (dtype, prec), (kg, ng, warps, bn), metric in itertools.product(_TC_DTYPES, TC_CLASSES, ("l2", "dot"))
 ) + tuple(
-    AssignConfig("generic", dtype, prec, None, bd, loop, 4, 1 if loop else 2, 64, 64)
+    AssignConfig("generic", dtype, prec, None, bd, loop, *_generic_launch(dtype, loop))
     for (dtype, prec), (bd, loop) in itertools.product(_generic_dtype_precisions(), _GENERIC_D)
 )
 
@@ -756,17 +802,18 @@ def pick_config(
         tc_precision is not None
         and (dtype != torch.float32 or precision == "exact")
         and Ds <= TC_MAX_DS
-        and K <= TC_KG * TC_CLASSES[-1][0]
+        and Ds % 4 == 0  # 16-byte rows: vector loads without knowing Ds (kernels' _al)
+        and K <= TC_CLASSES[-1][0] * TC_CLASSES[-1][1]
     )
     if use_tc:
-        ng, warps, bn = next(c for c in TC_CLASSES if K <= TC_KG * c[0])
-        return AssignConfig("tc", dtype, tc_precision, metric, TC_MAX_DS, False, warps, 2, bn, TC_KG, ng)
+        kg, ng, warps, bn = next(c for c in TC_CLASSES if K <= c[0] * c[1])
+        return AssignConfig("tc", dtype, tc_precision, metric, TC_MAX_DS, False, warps, 2, bn, kg, ng)
     if dtype == torch.float32:
         prec = "ieee" if precision == "exact" else precision  # exact = fp32 FMA where the tc kernel does not fit
     else:
         prec = "native"
     loop = Ds > 32
-    return AssignConfig("generic", dtype, prec, None, 32, loop, 4, 1 if loop else 2, 64, 64)
+    return AssignConfig("generic", dtype, prec, None, 16 if loop else 32, loop, *_generic_launch(dtype, loop))
 
 
 def _signature_types(cfg: AssignConfig) -> dict[str, str]:
@@ -822,8 +869,9 @@ def _constexprs(cfg: AssignConfig, interpreted: bool) -> dict:
 
 # ---------------------------------------------------------------------------------------- launchers
 # Resident programs per SM each class is sized for (registers / shared memory of the sm_90 compile,
-# scripts/assign_sass.py); the grid has about SMs × this many programs, split evenly over the subspaces.
-_PROGRAMS_PER_SM = {"tc4": 3, "tc16": 1, "generic": 4}
+# scripts/assign_sass.py: tc4 184-192 registers × 128 threads → 2 per SM, tc16 one per SM); the grid has
+# at most SMs × this many programs (one wave of persistent programs), split evenly over the subspaces.
+_PROGRAMS_PER_SM = {"tc4": 2, "tc16": 1, "generic": 4}
 
 
 @functools.cache
@@ -832,22 +880,27 @@ def _position_table(device: torch.device) -> torch.Tensor:
 
 
 def _grid(cfg: AssignConfig, N: int, M: int, device: torch.device) -> tuple[int, int]:
-    """``(programs per subspace, row tiles per program)``: about ``SMs × resident programs`` in all."""
+    """``(programs per subspace, row tiles per program)``: at most ``SMs × resident programs`` in all (rounded
+    down: one more program per subspace than fits would start a second, mostly idle wave), at least M."""
     tiles = triton.cdiv(N, cfg.BLOCK_N)
     key = f"tc{cfg.NG}" if cfg.kernel == "tc" else "generic"
     target = C.sm_count(device) * _PROGRAMS_PER_SM[key]
-    per_m = max(1, min(tiles, triton.cdiv(target, M)))
+    per_m = max(1, min(tiles, target // M))
     C.check_grid_dim(per_m, 2**31 - 1, "programs per subspace (grid axis 0)")
     tpp = triton.cdiv(tiles, per_m)
     return triton.cdiv(tiles, tpp), tpp
 
 
-def _launch(x, codebooks, metric, precision, codebooks_out=None, stats_x=None, stats=0):
+def _launch(x, codebooks, metric, precision, codebooks_out=None, stats_x=None, stats=0, _debug=None):
     """Run the picked kernel; ``codebooks_out`` not None → the fused epilogue (quantized, sq_err, and the
-    statistics ``stats``: 1 counts, 2 counts and sums of ``stats_x``)."""
+    statistics ``stats``: 1 counts, 2 counts and sums of ``stats_x``). ``_debug`` (tests only): a dict; with
+    ``_debug["recheck"] = False`` every valid row keeps the tensor-core winner (nothing is flagged); the
+    kernel's flagged-row count is stored in ``_debug["flagged"]`` and the config in ``_debug["config"]``."""
     N, M, Ds = x.shape
     K = codebooks.shape[1]
     C.check_grid_dim(M, 65535, "M (subspaces, grid axis 1)")
+    if 128 * M * Ds >= 2**31:  # the tensor-core kernel's int32 offsets inside a row tile
+        raise ValueError(f"equss.kernels: M·Ds = {M * Ds} is too large (at most {2**31 // 128 - 1})")
     fused = codebooks_out is not None
     cfg = pick_config(x.dtype, Ds, precision, fused, K=K, metric=metric)
     dev = x.device
@@ -867,22 +920,28 @@ def _launch(x, codebooks, metric, precision, codebooks_out=None, stats_x=None, s
     interpreted = dev.type != "cuda"
     common = (x, codebooks, codebooks_out, sx, codes, min_dist, q, err, counts, sums_arg)
     if cfg.kernel == "tc":
-        bias = torch.empty(M * per_m, cfg.NG * cfg.BLOCK_K, dtype=torch.float32, device=dev)
+        bias = torch.empty(M * per_m, 2 * cfg.NG * cfg.BLOCK_K, dtype=torch.float32, device=dev)
         flags = torch.empty(M * per_m * tpp * cfg.BLOCK_N, dtype=torch.int32, device=dev)
         nflag = torch.empty(M * per_m, dtype=torch.int32, device=dev)
         tile = torch.empty(M * per_m, 4 * cfg.BLOCK_N, dtype=torch.int32, device=dev)
         gap_a, gap_b = _gap_bound(cfg)
+        keep_tc = 1 if (_debug or {}).get("recheck", True) is False else 0
         _assign_tc_kernel[grid](
             *common, bias, flags, nflag, tile, _position_table(dev),
-            N, M, K, Ds, tpp, triton.cdiv(K, cfg.BLOCK_K), int(fused), stats, gap_a, gap_b,
+            N, M, K, Ds, tpp, triton.cdiv(K, cfg.BLOCK_K), int(fused), stats, keep_tc, gap_a, gap_b,
             **_constexprs(cfg, interpreted), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+        if _debug is not None:
+            _debug["flagged"] = int(nflag.sum())
     else:
         bias = torch.empty(M * per_m, triton.cdiv(K, cfg.BLOCK_K) * cfg.BLOCK_K, dtype=torch.float32, device=dev)
         _assign_generic_kernel[grid](
             *common, bias, N, M, K, Ds, tpp, int(fused), stats, 1.0 if metric == "l2" else 0.0,
             **_constexprs(cfg, interpreted), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+    if _debug is not None:
+        _debug["config"] = cfg
+        _debug.setdefault("flagged", 0)
     if not fused:
         return codes, min_dist, None, None, None, None
     return codes, min_dist, q, err, counts, sums

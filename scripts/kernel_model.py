@@ -165,6 +165,9 @@ class GPU:
             "fp32": 2 * self.fp32_lanes,
             "tf32": self.tensor_flops_per_clk["tf32"],
             "tf32x3": self.tensor_flops_per_clk["tf32"] / 3,
+            # the exact default: three bf16 products (bf16x3 split) on tensor cores; the FMA recheck of
+            # near-tie rows is not useful work
+            "exact": self.tensor_flops_per_clk["bf16"] / 3,
             "bf16": self.tensor_flops_per_clk["bf16"],
             "fp16": self.tensor_flops_per_clk["fp16"],
         }[precision]
@@ -483,6 +486,7 @@ class MemOp:
     region: int
     text: str
     descriptor: bool = False  # a tensor-descriptor (TMA) access: no per-lane SASS bytes to compare with
+    guards: tuple = ()  # enclosing scf.if conditions: (SSA name of the i1 condition, True: then / False: else)
 
 
 @dataclass
@@ -491,6 +495,7 @@ class IR:
     defs: dict[str, IRDef]
     loops: list[IRLoop]
     memops: list[MemOp]
+    dots: list = field(default_factory=list)  # (region, FLOPs) of every tt.dot
 
 
 _ELEM_BYTES = {"f64": 8, "i64": 8, "f32": 4, "i32": 4, "f16": 2, "bf16": 2, "i16": 2, "i8": 1, "i1": 1}
@@ -535,18 +540,55 @@ def type_bytes(types: str) -> int:
 
 
 def parse_ttir(text: str) -> IR:
-    """Arguments, SSA definitions, ``scf.for`` loops and memory operations of a TTIR module."""
+    """Arguments, SSA definitions, ``scf.for`` loops and memory operations of a TTIR module.
+
+    MLIR's printer numbers SSA values per region: sibling regions (two loops, the two sides of an
+    ``scf.if``) reuse names such as ``%20``. Names are therefore resolved through a stack of scopes (one
+    per open region) and a name defined again gets a unique spelling (``20@1``), so every definition and
+    every use refers to the right value."""
     args: list[str] = []
     defs: dict[str, IRDef] = {}
     loops: list[IRLoop] = []
     memops: list[MemOp] = []
     stack: list[int] = []  # open regions: loop index, or -2 for a non-loop region
+    guards: list = []  # per open region: (condition, branch) of an scf.if region, else None
+    dots: list[tuple[int, float]] = []
+    scopes: list[dict[str, str]] = [{}]  # the function's scope, then one per open region
+    used: Counter = Counter()
+
+    def define(n: str, scope: dict | None = None) -> str:
+        u = n if not used[n] else f"{n}@{used[n]}"
+        used[n] += 1
+        (scopes[-1] if scope is None else scope)[n] = u
+        return u
+
+    def resolve(n: str) -> str:
+        base, hash_, idx = n.partition("#")
+        for sc in reversed(scopes):
+            if base in sc:
+                return sc[base] + hash_ + idx
+        return n
+
+    def open_region(loop_index: int, guard) -> dict:
+        stack.append(loop_index)
+        guards.append(guard)
+        scopes.append({})
+        return scopes[-1]
+
     for raw in text.splitlines():
         line = _strip_locs(raw).strip()
         if not line or line.startswith("#loc"):
             continue
+        if re.match(r"\}\s*else\s*\{", line):
+            if guards and guards[-1] is not None:
+                guards[-1] = (guards[-1][0], not guards[-1][1])
+            if len(scopes) > 1:
+                scopes[-1] = {}  # the else region: a new scope
+            continue
         if line.startswith("tt.func"):
             args = re.findall(r"%([\w$.-]+)\s*:", line.split("(", 1)[1])
+            for n in args:
+                define(n)
             continue
         region = next((r for r in reversed(stack) if r >= 0), -1)
         opens = line.count("{") - line.count("}")
@@ -558,33 +600,47 @@ def parse_ttir(text: str) -> IR:
         if op == "scf.for":
             lm = re.match(r"%([\w$.-]+)\s*=\s*%([\w$.#-]+)\s+to\s+%([\w$.#-]+)\s+step\s+%([\w$.#-]+)", rest)
             if lm:
-                iters = dict(re.findall(r"%([\w$.-]+)\s*=\s*%([\w$.#-]+)", rest.split("iter_args", 1)[1])) if "iter_args" in rest else {}
+                raw_iters = re.findall(r"%([\w$.-]+)\s*=\s*%([\w$.#-]+)", rest.split("iter_args", 1)[1]) if "iter_args" in rest else []
+                lb, ub, st = (resolve(lm.group(i)) for i in (2, 3, 4))
+                inits = [resolve(v) for _, v in raw_iters]
                 nres = int(m.group(2) or (1 if name else 0)) if m else 0
-                results = [f"{name}#{i}" for i in range(nres)] if nres > 1 else ([name] if name else [])
-                loops.append(IRLoop(lm.group(1), lm.group(2), lm.group(3), lm.group(4), region, iters, results))
+                uname = define(name) if name else None
+                results = [f"{uname}#{i}" for i in range(nres)] if nres > 1 else ([uname] if uname else [])
+                inner = open_region(len(loops), None) if opens > 0 else {}
+                iv = define(lm.group(1), inner)
+                iters = {define(k, inner): v for (k, _), v in zip(raw_iters, inits)}
+                loops.append(IRLoop(iv, lb, ub, st, region, iters, results))
                 for r in results:
                     defs[r] = IRDef("scf.for", list(iters.values()), line, region)
-                if opens > 0:
-                    stack.append(len(loops) - 1)
                 continue
         operand_part = rest.split(" : ", 1)[0]
-        operands = re.findall(r"%([\w$.#-]+)", operand_part)
+        operands = [resolve(o) for o in re.findall(r"%([\w$.#-]+)", operand_part)]
         if name:
             d = IRDef(op, operands, line, region)
-            defs[name] = d
+            uname = define(name)
+            defs[uname] = d
             nres = int(m.group(2) or 1)
             for i in range(nres):
-                defs[f"{name}#{i}"] = d
+                defs[f"{uname}#{i}"] = d
         if op in _MEM_OPS and operands:
             types = rest.split(" : ", 1)[1] if " : " in rest else ""
-            memops.append(MemOp(_MEM_OPS[op], operands[0], type_bytes(types), region, line, "descriptor" in op))
+            memops.append(MemOp(_MEM_OPS[op], operands[0], type_bytes(types), region, line, "descriptor" in op,
+                                tuple(g for g in guards if g is not None)))
+        if op == "tt.dot":
+            dm = re.search(r"tensor<(\d+)x(\d+)x[^>]*>\s*\*\s*tensor<\d+x(\d+)x", rest)
+            if dm:
+                dots.append((region, 2.0 * int(dm.group(1)) * int(dm.group(2)) * int(dm.group(3))))
         if opens > 0:
-            stack.append(-2)
+            open_region(-2, (operands[0], True) if op == "scf.if" and operands else None)
         elif opens < 0:
             for _ in range(-opens):
                 if stack:
                     stack.pop()
-    return IR(args, defs, loops, memops)
+                if guards:
+                    guards.pop()
+                if len(scopes) > 1:
+                    scopes.pop()
+    return IR(args, defs, loops, memops, dots)
 
 
 def pointer_root(ir: IR, name: str) -> str | None:
@@ -694,13 +750,23 @@ def eval_scalar(ir: IR, name: str, env: dict, cache: dict | None = None):
     return val
 
 
-def loop_trips(ir: IR, env: dict):
-    """Trip count of every ``scf.for`` per program (numpy arrays), nested counts NOT multiplied."""
+def loop_trips(ir: IR, env: dict, unknown: list | None = None):
+    """Trip count of every ``scf.for`` per program (numpy arrays), nested counts NOT multiplied.
+
+    A bound that cannot be evaluated (data-dependent, e.g. loaded from memory) raises ``KeyError``; with
+    ``unknown`` (a list) that loop alone gets 1 trip and the reason is appended to ``unknown``."""
     np = _np()
     cache: dict = {}
     out = []
     for lp in ir.loops:
-        lb, ub, st = (np.asarray(eval_scalar(ir, v, env, cache), dtype=np.int64) for v in (lp.lb, lp.ub, lp.step))
+        try:
+            lb, ub, st = (np.asarray(eval_scalar(ir, v, env, cache), dtype=np.int64) for v in (lp.lb, lp.ub, lp.step))
+        except KeyError as exc:
+            if unknown is None:
+                raise
+            unknown.append(str(exc))
+            out.append(np.ones((), dtype=np.int64))
+            continue
         out.append(np.maximum(0, -((lb - ub) // st)))  # ceil((ub - lb) / step), ≥ 0
     return out
 
@@ -741,7 +807,7 @@ class OpSpec:
 
     name: str  # equss op name (equss.backends.OP_NAMES)
     launcher: str  # attribute of equss.kernels
-    dtypes: tuple[str, ...]  # "fp32-ieee", "fp32-tf32x3", "fp32-tf32", "bf16" (value dtype of the op)
+    dtypes: tuple[str, ...]  # "fp32-exact", "fp32-ieee", "fp32-tf32x3", "fp32-tf32", "bf16" (value dtype of the op)
     flops: object  # callable(shape) -> useful FLOPs of the op
     make: object  # callable(shape, torch dtype, tensor factory) -> the launcher's positional arguments
 
@@ -763,7 +829,7 @@ def _ops() -> list[OpSpec]:
     import torch
 
     f32 = torch.float32
-    assign_dtypes = ("fp32-ieee", "fp32-tf32x3", "fp32-tf32", "bf16")
+    assign_dtypes = ("fp32-exact", "fp32-ieee", "fp32-tf32x3", "fp32-tf32", "bf16")
     plain_dtypes = ("fp32", "bf16")
     assign_flops = lambda s: 2.0 * s.N * s.M * s.K * s.Ds
     return [
@@ -1043,11 +1109,13 @@ def analyse(launch: Launch, comp: dict) -> dict:
         if isinstance(v, bool | int):
             env[a] = int(v)
     notes = []
-    try:
-        trips = [np.broadcast_to(t, (P,)) for t in loop_trips(ir, env)]
-    except KeyError as exc:
-        trips = [np.ones(P, dtype=np.int64) for _ in ir.loops]
-        notes.append(f"trip counts unknown ({exc}); 1 assumed")
+    unknown: list[str] = []
+    trips = [np.broadcast_to(t, (P,)) for t in loop_trips(ir, env, unknown)]
+    for why in unknown:  # that loop alone gets 1 trip
+        if "(tt.load)" in why:  # a bound the kernel loads from memory (e.g. a count of flagged rows)
+            notes.append(f"data-dependent trip count ({why}); 1 assumed for that loop")
+        else:
+            notes.append(f"trip counts unknown ({why}); 1 assumed for that loop")
     # executions of each TTIR loop body per program: product over its nest
     execs = []
     for i, lp in enumerate(ir.loops):
@@ -1082,7 +1150,16 @@ def analyse(launch: Launch, comp: dict) -> dict:
     for li in range(len(sloops)):
         sb = sum(global_warp_bytes(i) for i, o in zip(instrs, owner) if o == li) * nw
         tb = sum(mo.bytes for mo in ir.memops if mo.region == li and not mo.descriptor) if matched else 0
-        unroll.append(unroll_factor(sb, tb))
+        u = unroll_factor(sb, tb)
+        # Lanes that load the same small vector (a per-column bias in an MMA layout) also multiply the SASS
+        # bytes: a loop that issues exactly its TTIR iteration's MMAs once was not unrolled.
+        s_mma = sum(mma_flops_per_warp(i.opcode)[0] for i, o in zip(instrs, owner) if o == li) * nw
+        t_mma = sum(f for r, f in ir.dots if r == li) if matched else 0.0
+        if u > 1 and s_mma > 0 and t_mma > 0 and abs(s_mma / t_mma - 1.0) <= 0.15:
+            notes.append(f"{launch.name}: a loop moves {sb / tb:.2f}× its TTIR iteration's global bytes but issues "
+                         "its MMAs once: redundant per-lane loads, not unrolling")
+            u = 1
+        unroll.append(u)
     weights = [1.0 if li is None else s_exec[li] / unroll[li] for li in owner]
     for li, u in enumerate(unroll):
         if u == 1:
@@ -1115,7 +1192,24 @@ def analyse(launch: Launch, comp: dict) -> dict:
     touched: dict[int, dict] = {}
     unknown_roots = 0
     mo_tensor: list[int | None] = []  # id of the tensor each memory op addresses
+    def never_runs(mo: MemOp) -> bool:
+        """An access inside an ``scf.if`` whose condition is false for every program at this launch (e.g. a
+        run-time ``fused`` flag that is 0): it moves no bytes. Conditions that cannot be evaluated count as true."""
+        for cond, branch in mo.guards:
+            try:
+                v = np.asarray(eval_scalar(ir, cond, env)).astype(bool)
+            except KeyError:
+                continue
+            if not np.any(v == branch):
+                return True
+        return False
+
+    dead = 0
     for mo in ir.memops:
+        if never_runs(mo):
+            dead += 1
+            mo_tensor.append(None)
+            continue
         traffic[mo.kind] += mo.bytes * float(region_exec(mo.region)) * P
         root = pointer_root(ir, mo.ptr)
         t = launch.bound.get(root) if root else None
@@ -1131,6 +1225,8 @@ def analyse(launch: Launch, comp: dict) -> dict:
         entry["requested"] += mo.bytes * float(region_exec(mo.region)) * P
     if unknown_roots:
         notes.append(f"{unknown_roots} memory ops with an address not traced to an argument (not in the minimum bytes)")
+    if dead:
+        notes.append(f"{launch.name}: {dead} memory ops in branches not taken at this launch (no bytes)")
     # cross-check: global bytes of the counted SASS instructions vs the TTIR's (should agree up to
     # redundant per-warp loads of small tensors; a large gap means a misread of the control flow)
     sass_bytes = sum(global_warp_bytes(i) * w for i, w in weighted) * nw * P
