@@ -756,10 +756,21 @@ class AssignConfig:
         )
 
 
-# Tensor-core kernel: 64-codeword groups, at most 4 (K ≤ 256, 4 warps = one warpgroup per 64-row tile,
-# several programs per SM) or 16 (K ≤ 1024: 128 KB of resident split codebook, one program per SM, so 8
-# warps = two warpgroups that overlap each other's products and epilogues). Ds ≤ 32 (BLOCK_D = 32).
-TC_CLASSES = ((64, 4, 4, 64), (64, 16, 8, 128))  # (KG, NG, num_warps, BLOCK_N)
+# Tensor-core kernel: 64-codeword groups, at most 4 (K ≤ 256) or 16 (K ≤ 1024). Ds ≤ 32 (BLOCK_D = 32).
+# (KG, NG, num_warps, BLOCK_N) per precision, every class compiled for sm_90 and sm_80 (the AOT test).
+# bfloat16 ("native"): 4 warps = one warpgroup per 64-row tile for K ≤ 256 (two programs per SM); for
+# K ≤ 1024 one program per SM, so 8 warps = two warpgroups that overlap each other's products and epilogues.
+# float32 ("exact", three split products): 32-row tiles over 8 warps, the only shape among those tried
+# (scripts/triton_resources.py) that compiles without register spills for both classes on both
+# architectures. Wider tiles spill: (BLOCK_N, warps) = (64, 4) 96-112 B on sm_80 for K ≤ 256 (and (32, 4)
+# 8 B on sm_90); for K ≤ 1024 (128, 8) 152 B on sm_90 and 2.3 KB on sm_80, (64, 8) 56 B / 2.2 KB, (64, 4)
+# 176 B on sm_90 (on sm_80 each warp holds its share of every group's split codebook as mma.sync operands
+# in registers; more warps across the codewords shrink that share). 32 rows per 8 warps is below one
+# wgmma's 64 rows per warpgroup: mma.sync on sm_90 as well.
+TC_CLASSES = {
+    "native": ((64, 4, 4, 64), (64, 16, 8, 128)),
+    "exact": ((64, 4, 8, 32), (64, 16, 8, 32)),
+}
 TC_MAX_DS = 32
 TC_BLOCK_F = 32
 _TC_DTYPES = ((torch.float32, "exact"), (torch.bfloat16, "native"))
@@ -781,7 +792,8 @@ def _generic_launch(dtype: torch.dtype, d_loop: bool) -> tuple[int, int, int, in
 
 CONFIGS: tuple[AssignConfig, ...] = tuple(
     AssignConfig("tc", dtype, prec, metric, TC_MAX_DS, False, warps, 2, bn, kg, ng)
-    for (dtype, prec), (kg, ng, warps, bn), metric in itertools.product(_TC_DTYPES, TC_CLASSES, ("l2", "dot"))
+    for (dtype, prec) in _TC_DTYPES
+    for (kg, ng, warps, bn), metric in itertools.product(TC_CLASSES[prec], ("l2", "dot"))
 ) + tuple(
     AssignConfig("generic", dtype, prec, None, bd, loop, *_generic_launch(dtype, loop))
     for (dtype, prec), (bd, loop) in itertools.product(_generic_dtype_precisions(), _GENERIC_D)
@@ -803,10 +815,10 @@ def pick_config(
         and (dtype != torch.float32 or precision == "exact")
         and Ds <= TC_MAX_DS
         and Ds % 4 == 0  # 16-byte rows: vector loads without knowing Ds (kernels' _al)
-        and K <= TC_CLASSES[-1][0] * TC_CLASSES[-1][1]
+        and K <= TC_CLASSES[tc_precision][-1][0] * TC_CLASSES[tc_precision][-1][1]
     )
     if use_tc:
-        kg, ng, warps, bn = next(c for c in TC_CLASSES if K <= c[0] * c[1])
+        kg, ng, warps, bn = next(c for c in TC_CLASSES[tc_precision] if K <= c[0] * c[1])
         return AssignConfig("tc", dtype, tc_precision, metric, TC_MAX_DS, False, warps, 2, bn, kg, ng)
     if dtype == torch.float32:
         prec = "ieee" if precision == "exact" else precision  # exact = fp32 FMA where the tc kernel does not fit
@@ -869,9 +881,10 @@ def _constexprs(cfg: AssignConfig, interpreted: bool) -> dict:
 
 # ---------------------------------------------------------------------------------------- launchers
 # Resident programs per SM each class is sized for (registers / shared memory of the sm_90 compile,
-# scripts/assign_sass.py: tc4 184-192 registers × 128 threads → 2 per SM, tc16 one per SM); the grid has
+# scripts/triton_resources.py: bf16 tc4 4 warps → 2 per SM, tc16 one per SM; fp32
+# (tc4x, tc16x) 229-255 registers × 256 threads → one per SM); the grid has
 # at most SMs × this many programs (one wave of persistent programs), split evenly over the subspaces.
-_PROGRAMS_PER_SM = {"tc4": 2, "tc16": 1, "generic": 4}
+_PROGRAMS_PER_SM = {"tc4": 2, "tc16": 1, "tc4x": 1, "tc16x": 1, "generic": 4}
 
 
 @functools.cache
@@ -883,7 +896,7 @@ def _grid(cfg: AssignConfig, N: int, M: int, device: torch.device) -> tuple[int,
     """``(programs per subspace, row tiles per program)``: at most ``SMs × resident programs`` in all (rounded
     down: one more program per subspace than fits would start a second, mostly idle wave), at least M."""
     tiles = triton.cdiv(N, cfg.BLOCK_N)
-    key = f"tc{cfg.NG}" if cfg.kernel == "tc" else "generic"
+    key = f"tc{cfg.NG}{'x' if cfg.precision == 'exact' else ''}" if cfg.kernel == "tc" else "generic"
     target = C.sm_count(device) * _PROGRAMS_PER_SM[key]
     per_m = max(1, min(tiles, target // M))
     C.check_grid_dim(per_m, 2**31 - 1, "programs per subspace (grid axis 0)")

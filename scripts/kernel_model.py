@@ -27,7 +27,12 @@ K=1024 Ds=32) and dtypes (fp32 with each matmul precision, bf16), this script
    moves u ≥ 2 times the global bytes of one TTIR iteration was runtime-unrolled by ptxas: it counts
    1/u per iteration and the u − 1 remainder copies after it are not counted; ``CALL``-ed subroutines
    (ptxas slow paths, e.g. 64-bit division) are not counted. The counted SASS global bytes are
-   cross-checked against the TTIR's (``sass_vs_ttir_bytes`` in the JSON);
+   cross-checked against the bytes the TTGIR's memory ops issue (``sass_vs_ttir_bytes`` in the JSON, name
+   kept): the TTGIR gives each op its register layout, and an element held by several threads (a 1-D
+   load in a ``#ttg.slice`` layout, a blocked or MMA layout wider than the tensor, a scalar) is loaded
+   or stored by each of them in the SASS, while the TTIR counts it once (:func:`layout_replication`,
+   :func:`ttgir_issued_bytes`; the TTIR's bytes, with a note, where the TTGIR cannot be evaluated). The
+   predictions use the TTIR's compulsory and requested bytes, which this does not change;
 5. **predicts the time** (:func:`predict`) and reports it against the roofline.
 
 Why capture instead of re-deriving grids: the launchers' own code (``pick_config``, grid, the segment
@@ -504,6 +509,8 @@ _MEM_OPS = {
     "tt.experimental_descriptor_load": "load",
     "tt.store": "store", "tt.descriptor_store": "store", "tt.descriptor_scatter": "store",
     "tt.atomic_rmw": "atomic", "tt.atomic_cas": "atomic", "tt.descriptor_reduce": "atomic",
+    # TTGIR only (the TTIR has none): cp.async and TMA copies into shared memory
+    "ttg.async_copy_global_to_local": "load", "ttng.async_tma_copy_global_to_local": "load",
 }
 # Ops through which an address flows from their first operand (arith.select: the true value).
 _PTR_FORWARD = {
@@ -624,7 +631,7 @@ def parse_ttir(text: str) -> IR:
                 defs[f"{uname}#{i}"] = d
         if op in _MEM_OPS and operands:
             types = rest.split(" : ", 1)[1] if " : " in rest else ""
-            memops.append(MemOp(_MEM_OPS[op], operands[0], type_bytes(types), region, line, "descriptor" in op,
+            memops.append(MemOp(_MEM_OPS[op], operands[0], type_bytes(types), region, line, "descriptor" in op or "tma" in op,
                                 tuple(g for g in guards if g is not None)))
         if op == "tt.dot":
             dm = re.search(r"tensor<(\d+)x(\d+)x[^>]*>\s*\*\s*tensor<\d+x(\d+)x", rest)
@@ -790,6 +797,128 @@ def load_chain(ir: IR, region: int) -> int:
 
     return max((depth(n) for n in load_defs), default=0)
 
+
+# ------------------------------------------------------------------- TTGIR: issued bytes per layout
+def _balanced(text: str, start: int) -> str:
+    """``text[start:]`` up to the ``>`` that closes the first ``<`` (inclusive)."""
+    depth = 0
+    for k in range(start, len(text)):
+        c = text[k]
+        if c == "<":
+            depth += 1
+        elif c == ">" and text[k - 1] != "-":  # not the "->" of a function type
+            depth -= 1
+            if depth == 0:
+                return text[start:k + 1]
+    return text[start:]
+
+
+def parse_layouts(text: str) -> dict[str, str]:
+    """The layout aliases of a TTGIR module: ``#blocked1`` → ``#ttg.blocked<{...}>``."""
+    out = {}
+    for raw in text.splitlines():
+        m = re.match(r"\s*(#[\w.]+)\s*=\s*(#ttg\w*\.\w+<)", raw)
+        if m:
+            out[m.group(1)] = _balanced(raw, m.start(2))
+    return out
+
+
+def _int_list(layout: str, key: str) -> list[int] | None:
+    m = re.search(rf"\b{key}\s*=\s*\[([\d,\s]*)\]", layout)
+    return [int(v) for v in m.group(1).split(",") if v.strip()] if m else None
+
+
+def _mma_as_blocked(layout: str) -> tuple:
+    """An MMA accumulator layout (``#ttg.nvidia_mma``, mma.sync v2 or wgmma v3) as the blocked coverage it
+    has for replication: per warp 16 rows of ``instrShape[1]`` columns, lanes 8 × 4, so (sizePerThread,
+    threadsPerWarp, warpsPerCTA) = ([2, instrShape[1] / 4], [8, 4], warpsPerCTA). (None, None, None) if unread."""
+    w, ins = _int_list(layout, "warpsPerCTA"), _int_list(layout, "instrShape")
+    if not w or not ins or len(w) != 2 or len(ins) < 2:
+        return None, None, None
+    return [2, max(1, ins[1] // 4)], [8, 4], w
+
+
+def layout_replication(layout: str, shape: list[int], aliases: dict[str, str]) -> float:
+    """How many threads of a CTA hold (and so load or store) each element of a ``shape`` tensor in ``layout``.
+
+    ``#ttg.blocked`` (sizePerThread s, threadsPerWarp t, warpsPerCTA w): Π_i max(1, s_i·t_i·w_i / S_i), the
+    CTA's coverage beyond the tensor wraps onto the same elements. ``#ttg.slice<{dim = d, parent = P}>``: the
+    t_d·w_d threads of P along the removed dimension hold the same element, times P's replication over the
+    remaining dimensions. An MMA accumulator layout (as its own layout or a slice's parent) is read as the blocked
+    layout it covers (:func:`_mma_as_blocked`). Any other layout (dot operands, shared, linear): 1."""
+    layout = aliases.get(layout, layout)
+    if layout.startswith("#ttg.blocked<"):
+        s, t, w = (_int_list(layout, k) for k in ("sizePerThread", "threadsPerWarp", "warpsPerCTA"))
+        if not (s and t and w) or not len(s) == len(t) == len(w) == len(shape):
+            return 1.0
+        return float(math.prod(max(1.0, si * ti * wi / n) for si, ti, wi, n in zip(s, t, w, shape)))
+    if layout.startswith("#ttg.nvidia_mma<"):
+        s, t, w = _mma_as_blocked(layout)
+        if not (s and t and w) or not len(s) == len(t) == len(w) == len(shape):
+            return 1.0
+        return float(math.prod(max(1.0, si * ti * wi / n) for si, ti, wi, n in zip(s, t, w, shape)))
+    if layout.startswith("#ttg.slice<"):
+        dm = re.search(r"\bdim\s*=\s*(\d+)", layout)
+        pm = re.search(r"\bparent\s*=\s*", layout)
+        if dm is None or pm is None:
+            return 1.0
+        rest = layout[pm.end():]
+        parent = _balanced(rest, 0) if rest.startswith("#ttg") else re.match(r"#[\w.]+", rest).group(0)
+        parent = aliases.get(parent, parent)
+        d = int(dm.group(1))
+        s, t, w = _mma_as_blocked(parent) if parent.startswith("#ttg.nvidia_mma<") else (
+            _int_list(parent, k) for k in ("sizePerThread", "threadsPerWarp", "warpsPerCTA"))
+        if not (s and t and w) or not len(s) == len(t) == len(w) == len(shape) + 1 or d >= len(t):
+            return 1.0
+        rest_dims = [i for i in range(len(t)) if i != d]
+        return float(t[d] * w[d] * math.prod(max(1.0, s[i] * t[i] * w[i] / n) for i, n in zip(rest_dims, shape)))
+    return 1.0
+
+
+def memop_replication(mo: MemOp, aliases: dict[str, str], num_warps: int) -> float:
+    """Replication (:func:`layout_replication`) of a TTGIR memory op's address tensor; a scalar access is
+    issued by every thread of the CTA (32 · num_warps)."""
+    types = mo.text.split(" : ", 1)[1] if " : " in mo.text else ""
+    i = types.find("tensor<")
+    if i < 0:
+        return 32.0 * num_warps
+    body = _balanced(types, i + len("tensor"))[1:-1]
+    shape = [int(v) for v in re.match(r"((?:\d+x)*)", body).group(1).rstrip("x").split("x") if v]
+    depth, enc = 0, ""
+    for k, c in enumerate(body):  # the encoding follows the element type after a top-level comma
+        depth += {"<": 1, ">": -1}.get(c, 0)
+        if c == "," and depth == 0:
+            enc = body[k + 1:].strip()
+            break
+    return layout_replication(enc, shape, aliases) if enc and shape else 1.0
+
+def ttgir_issued_bytes(ttgir: str, ttir: IR, env: dict, num_warps: int, P: int) -> tuple[float | None, str]:
+    """Global bytes the TTGIR's memory ops issue over all ``P`` programs: Σ bytes × :func:`memop_replication`
+    × executions (trip counts from the same ``env`` as the TTIR's; a data-dependent bound gets 1 trip, as
+    there). ``(None, reason)`` when it cannot be evaluated: no TTGIR, an unevaluable loop bound, or loops
+    nested differently from the TTIR's."""
+    import numpy as np
+
+    if not ttgir:
+        return None, "no TTGIR"
+    g = parse_ttir(ttgir)
+    if [lp.parent for lp in g.loops] != [lp.parent for lp in ttir.loops]:
+        return None, f"loop nest {[lp.parent for lp in g.loops]} vs the TTIR's {[lp.parent for lp in ttir.loops]}"
+    unknown: list[str] = []
+    trips = [np.broadcast_to(t, (P,)) for t in loop_trips(g, env, unknown)]
+    bad = [u for u in unknown if "(tt.load)" not in u]
+    if bad:
+        return None, f"trip counts unknown: {bad[0]}"
+    execs = []
+    for i, lp in enumerate(g.loops):
+        e, p = trips[i].astype(np.float64), lp.parent
+        while p >= 0:
+            e, p = e * trips[p], g.loops[p].parent
+        execs.append(float(np.mean(e)))
+    aliases = parse_layouts(ttgir)
+    total = sum(mo.bytes * memop_replication(mo, aliases, num_warps) * (execs[mo.region] if mo.region >= 0 else 1.0)
+                for mo in g.memops if not mo.descriptor)
+    return total * P, ""
 
 # ------------------------------------------------------------------------------------ workloads
 @dataclass(frozen=True)
@@ -1050,6 +1179,7 @@ def compile_launch(launch: Launch, arch: int) -> dict:
     num_warps = int(ck.metadata.num_warps)
     out = {
         "ttir": ck.asm["ttir"],
+        "ttgir": ck.asm.get("ttgir", ""),
         "sass": dump,
         "reg": usage["reg"],
         "spill": usage["stack"] + usage["local"],
@@ -1227,13 +1357,19 @@ def analyse(launch: Launch, comp: dict) -> dict:
         notes.append(f"{unknown_roots} memory ops with an address not traced to an argument (not in the minimum bytes)")
     if dead:
         notes.append(f"{launch.name}: {dead} memory ops in branches not taken at this launch (no bytes)")
-    # cross-check: global bytes of the counted SASS instructions vs the TTIR's (should agree up to
-    # redundant per-warp loads of small tensors; a large gap means a misread of the control flow)
+    # cross-check: global bytes of the counted SASS instructions vs the bytes the TTGIR's memory ops issue
+    # (each op's bytes × the threads its layout replicates each element over × its executions; like with
+    # like: a 1-D load in a slice layout is issued by every lane of a row, the TTIR counts it once). A
+    # large gap means a misread of the control flow. TTGIR not evaluable: the TTIR's bytes, with a note.
     sass_bytes = sum(global_warp_bytes(i) * w for i, w in weighted) * nw * P
     ttir_bytes = sum(mo.bytes * float(region_exec(mo.region)) * P for mo in ir.memops if not mo.descriptor)
-    bytes_ratio = sass_bytes / ttir_bytes if ttir_bytes else 1.0
+    issued_bytes, why_not = ttgir_issued_bytes(comp.get("ttgir", ""), ir, env, nw, P)
+    if issued_bytes is None:
+        notes.append(f"{launch.name}: TTGIR not evaluable ({why_not}); SASS bytes compared with the TTIR's")
+        issued_bytes = ttir_bytes
+    bytes_ratio = sass_bytes / issued_bytes if issued_bytes else 1.0
     if not 0.67 <= bytes_ratio <= 1.5:
-        notes.append(f"{launch.name}: counted SASS global bytes are {bytes_ratio:.2f}× the TTIR's")
+        notes.append(f"{launch.name}: counted SASS global bytes are {bytes_ratio:.2f}× the TTGIR's issued bytes")
     min_read = sum(e["bytes"] for e in touched.values() if "load" in e["kinds"])
     min_write = sum(e["bytes"] for e in touched.values() if e["kinds"] & {"store", "atomic"})
 

@@ -456,3 +456,22 @@ def test_model_reads_every_kernel(model_run):
             assert 0.67 <= a["sass_vs_ttir_bytes"] <= 1.5, f"{r['key']} {arch}: control flow misread: {a['notes']}"
         for g, p in r["gpu"].items():
             assert p["predicted_us"] > 0 and p["roofline_us"] >= 0, (r["key"], g)
+
+
+def test_layout_replication_from_ttgir():
+    """Issued bytes per TTGIR layout: the threads of a slice's removed dimension (and a layout's coverage
+    beyond the tensor) load the same element; scalars are issued by every thread; unknown layouts count 1."""
+    ttgir = """#blocked = #ttg.blocked<{sizePerThread = [1, 1], threadsPerWarp = [1, 32], warpsPerCTA = [4, 1], order = [1, 0]}>
+#blocked1 = #ttg.blocked<{sizePerThread = [1], threadsPerWarp = [32], warpsPerCTA = [4], order = [0]}>
+#mma = #ttg.nvidia_mma<{versionMajor = 2, versionMinor = 0, warpsPerCTA = [4, 1], instrShape = [16, 8]}>
+"""
+    al = KM.parse_layouts(ttgir)
+    assert KM.layout_replication("#ttg.slice<{dim = 1, parent = #blocked}>", [64], al) == 32  # every lane of a row
+    assert KM.layout_replication("#blocked1", [64], al) == 2  # 128 threads over 64 elements
+    assert KM.layout_replication("#blocked", [64, 32], al) == 1
+    assert KM.layout_replication("#ttg.slice<{dim = 0, parent = #mma}>", [64], al) == 32  # 8 lanes × 4 warps per column
+    assert KM.layout_replication("#shared", [64], al) == 1
+    mo = KM.MemOp("load", "p", 4, -1, "%1 = tt.load %0 : !tt.ptr<i32>")
+    assert KM.memop_replication(mo, al, 4) == 128
+    mo = KM.MemOp("load", "p", 256, -1, "%1 = tt.load %0 : tensor<64x!tt.ptr<i32>, #ttg.slice<{dim = 1, parent = #blocked}>>")
+    assert KM.memop_replication(mo, al, 4) == 32
