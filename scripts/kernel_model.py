@@ -24,7 +24,8 @@ K=1024 Ds=32) and dtypes (fp32 with each matmul precision, bf16), this script
    trip count of each loop; SASS loops are matched to TTIR loops by nesting order. The loads, stores
    and atomics of the TTIR, traced back to the kernel argument they address, give the bytes each
    program moves and which tensors are read/written (the minimum HBM bytes). A SASS loop whose body
-   moves u ≥ 2 times the global bytes of one TTIR iteration was runtime-unrolled by ptxas: it counts
+   moves u ≥ 2 times the global bytes one iteration issues (the TTGIR's, layout replication counted, see
+   below; the TTIR's where the TTGIR cannot be evaluated) was runtime-unrolled by ptxas: it counts
    1/u per iteration and the u − 1 remainder copies after it are not counted; ``CALL``-ed subroutines
    (ptxas slow paths, e.g. 64-bit division) are not counted. The counted SASS global bytes are
    cross-checked against the bytes the TTGIR's memory ops issue (``sass_vs_ttir_bytes`` in the JSON, name
@@ -892,7 +893,8 @@ def memop_replication(mo: MemOp, aliases: dict[str, str], num_warps: int) -> flo
             break
     return layout_replication(enc, shape, aliases) if enc and shape else 1.0
 
-def ttgir_issued_bytes(ttgir: str, ttir: IR, env: dict, num_warps: int, P: int) -> tuple[float | None, str]:
+def ttgir_issued_bytes(ttgir: str, ttir: IR, env: dict, num_warps: int, P: int,
+                       per_region: dict | None = None) -> tuple[float | None, str]:
     """Global bytes the TTGIR's memory ops issue over all ``P`` programs: Σ bytes × :func:`memop_replication`
     × executions (trip counts from the same ``env`` as the TTIR's; a data-dependent bound gets 1 trip, as
     there). ``(None, reason)`` when it cannot be evaluated: no TTGIR, an unevaluable loop bound, or loops
@@ -916,6 +918,10 @@ def ttgir_issued_bytes(ttgir: str, ttir: IR, env: dict, num_warps: int, P: int) 
             e, p = e * trips[p], g.loops[p].parent
         execs.append(float(np.mean(e)))
     aliases = parse_layouts(ttgir)
+    if per_region is not None:  # issued bytes of one execution of each loop body (-1: outside every loop)
+        for mo in g.memops:
+            if not mo.descriptor:
+                per_region[mo.region] = per_region.get(mo.region, 0.0) + mo.bytes * memop_replication(mo, aliases, num_warps)
     total = sum(mo.bytes * memop_replication(mo, aliases, num_warps) * (execs[mo.region] if mo.region >= 0 else 1.0)
                 for mo in g.memops if not mo.descriptor)
     return total * P, ""
@@ -1276,10 +1282,19 @@ def analyse(launch: Launch, comp: dict) -> dict:
         notes.append("ptxas slow-path subroutines (CALL targets) not counted")
     owner = [innermost_loop(sloops, i.addr) for i in instrs]
     nw = comp["num_warps"]
+    # per loop body, the bytes its TTGIR memory ops issue (layout replication counted, as the SASS does):
+    # the unroll test compares like with like (a replicated load is not a second unrolled iteration)
+    issued_per_region: dict = {}
+    issued_bytes, why_not = ttgir_issued_bytes(comp.get("ttgir", ""), ir, env, nw, P, issued_per_region)
     unroll = []
     for li in range(len(sloops)):
         sb = sum(global_warp_bytes(i) for i, o in zip(instrs, owner) if o == li) * nw
-        tb = sum(mo.bytes for mo in ir.memops if mo.region == li and not mo.descriptor) if matched else 0
+        if not matched:
+            tb = 0
+        elif issued_bytes is not None:
+            tb = issued_per_region.get(li, 0.0)
+        else:
+            tb = sum(mo.bytes for mo in ir.memops if mo.region == li and not mo.descriptor)
         u = unroll_factor(sb, tb)
         # Lanes that load the same small vector (a per-column bias in an MMA layout) also multiply the SASS
         # bytes: a loop that issues exactly its TTIR iteration's MMAs once was not unrolled.
@@ -1363,7 +1378,6 @@ def analyse(launch: Launch, comp: dict) -> dict:
     # large gap means a misread of the control flow. TTGIR not evaluable: the TTIR's bytes, with a note.
     sass_bytes = sum(global_warp_bytes(i) * w for i, w in weighted) * nw * P
     ttir_bytes = sum(mo.bytes * float(region_exec(mo.region)) * P for mo in ir.memops if not mo.descriptor)
-    issued_bytes, why_not = ttgir_issued_bytes(comp.get("ttgir", ""), ir, env, nw, P)
     if issued_bytes is None:
         notes.append(f"{launch.name}: TTGIR not evaluable ({why_not}); SASS bytes compared with the TTIR's")
         issued_bytes = ttir_bytes
