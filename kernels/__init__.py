@@ -7,8 +7,8 @@ One file per op, each with private ``@triton.jit`` kernels and a launcher named 
 =============================  ============================  ===============================================
 file                           launcher                      what it computes
 =============================  ============================  ===============================================
-``pq_assign.py``               ``pq_assign_triton``          codes, min_dist
-                               ``pq_assign_gather_triton``   codes, min_dist, quantized, sq_err (one launch)
+``pq_assign.py``               ``pq_assign_triton``          codes, min_dist (tensor-core + FMA recheck)
+                               ``pq_assign_gather_triton``   codes, min_dist, quantized, sq_err, statistics
 ``pq_gather.py``               ``pq_gather_triton``          quantized vectors
                                ``pq_gather_backward_triton`` scatter-add of gradients by code
 ``pq_cluster_stats.py``        ``pq_cluster_stats_triton``   per-codeword counts and sums
@@ -18,7 +18,7 @@ file                           launcher                      what it computes
 
 Each kernel module exposes ``CONFIGS`` (every compiled variant its launchers can pick), ``pick_config``
 (the launcher's choice) and ``compile_spec(cfg)`` for the ahead-of-time compile; ``_config.py``
-documents the fp32 matmul precision (``EQUSS_TRITON_PRECISION``: ``ieee`` by default) and block sizes.
+documents the fp32 matmul precision (``EQUSS_TRITON_PRECISION``: ``exact`` by default) and block sizes.
 
 Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
 before triton is imported; the root ``conftest.py`` does that when no GPU is present).

@@ -7,22 +7,29 @@ sm_80 and sm_90; :func:`aot_spec` builds the ``triton.compile`` signature from t
 with several configs does not run under the interpreter, and a benchmark that autotunes measures a
 moving target; a later GPU session can widen the sets from measurements.
 
-Matmul precision (``EQUSS_TRITON_PRECISION``, or the ``precision=`` argument of
-:func:`equss.kernels.pq_assign_fused`) only matters for float32 inputs of the assignment kernel:
+Matmul precision (``EQUSS_TRITON_PRECISION``) only matters for float32 inputs of the assignment kernels:
 
 ========== ============================================================================================
-``ieee``   (default) true fp32 FMAs. Distances round like the fp32 PyTorch reference (which runs with
-           ``torch.backends.cuda.matmul.allow_tf32 = False`` by default), so codes equal the
-           reference's except where two codewords are within a few fp32 ulps (near-ties).
+``exact``  (default) the fp32 reference's codes, computed on tensor cores: x and the codewords are split
+           into two bfloat16 pieces each and three bf16 products give every distance to ~2⁻¹⁴ relative;
+           a row whose best and second-best distances are closer than a rigorous bound on that error
+           (``kernels/pq_assign.py: _gap_bound``) — near-ties, ties, overflow — is recomputed in fp32
+           FMA arithmetic with lowest-index tie-breaking. Codes equal the fp32 reference's except where
+           two codewords are within fp32 rounding of each other (like ``ieee``), ``min_dist`` is the fp32
+           distance of the chosen codeword. Uses the resident tensor-core kernel for K ≤ 1024 and
+           Ds ≤ 32, else the ``ieee`` kernel.
+``ieee``   true fp32 FMAs on CUDA cores for every distance (the streaming kernel). Same codes contract as
+           ``exact``, several times slower.
 ``tf32x3`` three TF32 tensor-core products (hi·hi + hi·lo + lo·hi): ~fp32 accuracy (relative error
-           ~2⁻²² per product) at tensor-core speed; near-tie flips become slightly more frequent.
-``tf32``   one TF32 product (10-bit mantissa, relative error ~10⁻³): fastest, but on random data codes
-           differ from the fp32 reference whenever the two best distances are within ~0.1 %.
+           ~2⁻²² per product) but no recheck: near-tie flips become slightly more frequent.
+``tf32``   one TF32 product (10-bit mantissa, relative error ~10⁻³): on random data codes differ from
+           the fp32 reference whenever the two best distances are within ~0.1 %.
 ========== ============================================================================================
 
-float16/bfloat16 inputs always use the native tensor-core products (exact in fp32) with fp32
-accumulation; the precision setting does not apply to them. float64 inputs are cast to float32 first,
-which is what the reference does (it accumulates in float32).
+bfloat16 inputs use the resident tensor-core kernel with native bf16 products (exact in fp32) and
+fp32 accumulation, rows closer than the accumulation/packing bound again recomputed in FMA; float16 runs
+its native products in the streaming kernel. The precision setting does not apply to either. float64
+inputs are cast to float32 first, which is what the reference does (it accumulates in float32).
 """
 
 from __future__ import annotations
@@ -34,8 +41,8 @@ import os
 import torch
 import triton
 
-PRECISIONS = ("ieee", "tf32x3", "tf32")
-DEFAULT_PRECISION = "ieee"
+PRECISIONS = ("exact", "ieee", "tf32x3", "tf32")
+DEFAULT_PRECISION = "exact"
 PRECISION_ENV = "EQUSS_TRITON_PRECISION"
 
 # Kernel dtypes: float64 is cast to float32 by the launchers (see the module docstring), so kernels only
@@ -62,7 +69,7 @@ _INTERPRETER_SMS = 4
 
 
 def resolve_precision(precision: str | None = None) -> str:
-    """The matmul precision for fp32 inputs: the argument, else ``$EQUSS_TRITON_PRECISION``, else ``ieee``."""
+    """The matmul precision for fp32 inputs: the argument, else ``$EQUSS_TRITON_PRECISION``, else ``exact``."""
     source = "precision argument"
     if precision is None:
         precision = os.environ.get(PRECISION_ENV, "").strip().lower() or DEFAULT_PRECISION

@@ -24,10 +24,16 @@ K=1024 Ds=32) and dtypes (fp32 with each matmul precision, bf16), this script
    trip count of each loop; SASS loops are matched to TTIR loops by nesting order. The loads, stores
    and atomics of the TTIR, traced back to the kernel argument they address, give the bytes each
    program moves and which tensors are read/written (the minimum HBM bytes). A SASS loop whose body
-   moves u ≥ 2 times the global bytes of one TTIR iteration was runtime-unrolled by ptxas: it counts
+   moves u ≥ 2 times the global bytes one iteration issues (the TTGIR's, layout replication counted, see
+   below; the TTIR's where the TTGIR cannot be evaluated) was runtime-unrolled by ptxas: it counts
    1/u per iteration and the u − 1 remainder copies after it are not counted; ``CALL``-ed subroutines
    (ptxas slow paths, e.g. 64-bit division) are not counted. The counted SASS global bytes are
-   cross-checked against the TTIR's (``sass_vs_ttir_bytes`` in the JSON);
+   cross-checked against the bytes the TTGIR's memory ops issue (``sass_vs_ttir_bytes`` in the JSON, name
+   kept): the TTGIR gives each op its register layout, and an element held by several threads (a 1-D
+   load in a ``#ttg.slice`` layout, a blocked or MMA layout wider than the tensor, a scalar) is loaded
+   or stored by each of them in the SASS, while the TTIR counts it once (:func:`layout_replication`,
+   :func:`ttgir_issued_bytes`; the TTIR's bytes, with a note, where the TTGIR cannot be evaluated). The
+   predictions use the TTIR's compulsory and requested bytes, which this does not change;
 5. **predicts the time** (:func:`predict`) and reports it against the roofline.
 
 Why capture instead of re-deriving grids: the launchers' own code (``pick_config``, grid, the segment
@@ -165,6 +171,9 @@ class GPU:
             "fp32": 2 * self.fp32_lanes,
             "tf32": self.tensor_flops_per_clk["tf32"],
             "tf32x3": self.tensor_flops_per_clk["tf32"] / 3,
+            # the exact default: three bf16 products (bf16x3 split) on tensor cores; the FMA recheck of
+            # near-tie rows is not useful work
+            "exact": self.tensor_flops_per_clk["bf16"] / 3,
             "bf16": self.tensor_flops_per_clk["bf16"],
             "fp16": self.tensor_flops_per_clk["fp16"],
         }[precision]
@@ -483,6 +492,7 @@ class MemOp:
     region: int
     text: str
     descriptor: bool = False  # a tensor-descriptor (TMA) access: no per-lane SASS bytes to compare with
+    guards: tuple = ()  # enclosing scf.if conditions: (SSA name of the i1 condition, True: then / False: else)
 
 
 @dataclass
@@ -491,6 +501,7 @@ class IR:
     defs: dict[str, IRDef]
     loops: list[IRLoop]
     memops: list[MemOp]
+    dots: list = field(default_factory=list)  # (region, FLOPs) of every tt.dot
 
 
 _ELEM_BYTES = {"f64": 8, "i64": 8, "f32": 4, "i32": 4, "f16": 2, "bf16": 2, "i16": 2, "i8": 1, "i1": 1}
@@ -499,6 +510,8 @@ _MEM_OPS = {
     "tt.experimental_descriptor_load": "load",
     "tt.store": "store", "tt.descriptor_store": "store", "tt.descriptor_scatter": "store",
     "tt.atomic_rmw": "atomic", "tt.atomic_cas": "atomic", "tt.descriptor_reduce": "atomic",
+    # TTGIR only (the TTIR has none): cp.async and TMA copies into shared memory
+    "ttg.async_copy_global_to_local": "load", "ttng.async_tma_copy_global_to_local": "load",
 }
 # Ops through which an address flows from their first operand (arith.select: the true value).
 _PTR_FORWARD = {
@@ -535,18 +548,55 @@ def type_bytes(types: str) -> int:
 
 
 def parse_ttir(text: str) -> IR:
-    """Arguments, SSA definitions, ``scf.for`` loops and memory operations of a TTIR module."""
+    """Arguments, SSA definitions, ``scf.for`` loops and memory operations of a TTIR module.
+
+    MLIR's printer numbers SSA values per region: sibling regions (two loops, the two sides of an
+    ``scf.if``) reuse names such as ``%20``. Names are therefore resolved through a stack of scopes (one
+    per open region) and a name defined again gets a unique spelling (``20@1``), so every definition and
+    every use refers to the right value."""
     args: list[str] = []
     defs: dict[str, IRDef] = {}
     loops: list[IRLoop] = []
     memops: list[MemOp] = []
     stack: list[int] = []  # open regions: loop index, or -2 for a non-loop region
+    guards: list = []  # per open region: (condition, branch) of an scf.if region, else None
+    dots: list[tuple[int, float]] = []
+    scopes: list[dict[str, str]] = [{}]  # the function's scope, then one per open region
+    used: Counter = Counter()
+
+    def define(n: str, scope: dict | None = None) -> str:
+        u = n if not used[n] else f"{n}@{used[n]}"
+        used[n] += 1
+        (scopes[-1] if scope is None else scope)[n] = u
+        return u
+
+    def resolve(n: str) -> str:
+        base, hash_, idx = n.partition("#")
+        for sc in reversed(scopes):
+            if base in sc:
+                return sc[base] + hash_ + idx
+        return n
+
+    def open_region(loop_index: int, guard) -> dict:
+        stack.append(loop_index)
+        guards.append(guard)
+        scopes.append({})
+        return scopes[-1]
+
     for raw in text.splitlines():
         line = _strip_locs(raw).strip()
         if not line or line.startswith("#loc"):
             continue
+        if re.match(r"\}\s*else\s*\{", line):
+            if guards and guards[-1] is not None:
+                guards[-1] = (guards[-1][0], not guards[-1][1])
+            if len(scopes) > 1:
+                scopes[-1] = {}  # the else region: a new scope
+            continue
         if line.startswith("tt.func"):
             args = re.findall(r"%([\w$.-]+)\s*:", line.split("(", 1)[1])
+            for n in args:
+                define(n)
             continue
         region = next((r for r in reversed(stack) if r >= 0), -1)
         opens = line.count("{") - line.count("}")
@@ -558,33 +608,47 @@ def parse_ttir(text: str) -> IR:
         if op == "scf.for":
             lm = re.match(r"%([\w$.-]+)\s*=\s*%([\w$.#-]+)\s+to\s+%([\w$.#-]+)\s+step\s+%([\w$.#-]+)", rest)
             if lm:
-                iters = dict(re.findall(r"%([\w$.-]+)\s*=\s*%([\w$.#-]+)", rest.split("iter_args", 1)[1])) if "iter_args" in rest else {}
+                raw_iters = re.findall(r"%([\w$.-]+)\s*=\s*%([\w$.#-]+)", rest.split("iter_args", 1)[1]) if "iter_args" in rest else []
+                lb, ub, st = (resolve(lm.group(i)) for i in (2, 3, 4))
+                inits = [resolve(v) for _, v in raw_iters]
                 nres = int(m.group(2) or (1 if name else 0)) if m else 0
-                results = [f"{name}#{i}" for i in range(nres)] if nres > 1 else ([name] if name else [])
-                loops.append(IRLoop(lm.group(1), lm.group(2), lm.group(3), lm.group(4), region, iters, results))
+                uname = define(name) if name else None
+                results = [f"{uname}#{i}" for i in range(nres)] if nres > 1 else ([uname] if uname else [])
+                inner = open_region(len(loops), None) if opens > 0 else {}
+                iv = define(lm.group(1), inner)
+                iters = {define(k, inner): v for (k, _), v in zip(raw_iters, inits)}
+                loops.append(IRLoop(iv, lb, ub, st, region, iters, results))
                 for r in results:
                     defs[r] = IRDef("scf.for", list(iters.values()), line, region)
-                if opens > 0:
-                    stack.append(len(loops) - 1)
                 continue
         operand_part = rest.split(" : ", 1)[0]
-        operands = re.findall(r"%([\w$.#-]+)", operand_part)
+        operands = [resolve(o) for o in re.findall(r"%([\w$.#-]+)", operand_part)]
         if name:
             d = IRDef(op, operands, line, region)
-            defs[name] = d
+            uname = define(name)
+            defs[uname] = d
             nres = int(m.group(2) or 1)
             for i in range(nres):
-                defs[f"{name}#{i}"] = d
+                defs[f"{uname}#{i}"] = d
         if op in _MEM_OPS and operands:
             types = rest.split(" : ", 1)[1] if " : " in rest else ""
-            memops.append(MemOp(_MEM_OPS[op], operands[0], type_bytes(types), region, line, "descriptor" in op))
+            memops.append(MemOp(_MEM_OPS[op], operands[0], type_bytes(types), region, line, "descriptor" in op or "tma" in op,
+                                tuple(g for g in guards if g is not None)))
+        if op == "tt.dot":
+            dm = re.search(r"tensor<(\d+)x(\d+)x[^>]*>\s*\*\s*tensor<\d+x(\d+)x", rest)
+            if dm:
+                dots.append((region, 2.0 * int(dm.group(1)) * int(dm.group(2)) * int(dm.group(3))))
         if opens > 0:
-            stack.append(-2)
+            open_region(-2, (operands[0], True) if op == "scf.if" and operands else None)
         elif opens < 0:
             for _ in range(-opens):
                 if stack:
                     stack.pop()
-    return IR(args, defs, loops, memops)
+                if guards:
+                    guards.pop()
+                if len(scopes) > 1:
+                    scopes.pop()
+    return IR(args, defs, loops, memops, dots)
 
 
 def pointer_root(ir: IR, name: str) -> str | None:
@@ -694,13 +758,23 @@ def eval_scalar(ir: IR, name: str, env: dict, cache: dict | None = None):
     return val
 
 
-def loop_trips(ir: IR, env: dict):
-    """Trip count of every ``scf.for`` per program (numpy arrays), nested counts NOT multiplied."""
+def loop_trips(ir: IR, env: dict, unknown: list | None = None):
+    """Trip count of every ``scf.for`` per program (numpy arrays), nested counts NOT multiplied.
+
+    A bound that cannot be evaluated (data-dependent, e.g. loaded from memory) raises ``KeyError``; with
+    ``unknown`` (a list) that loop alone gets 1 trip and the reason is appended to ``unknown``."""
     np = _np()
     cache: dict = {}
     out = []
     for lp in ir.loops:
-        lb, ub, st = (np.asarray(eval_scalar(ir, v, env, cache), dtype=np.int64) for v in (lp.lb, lp.ub, lp.step))
+        try:
+            lb, ub, st = (np.asarray(eval_scalar(ir, v, env, cache), dtype=np.int64) for v in (lp.lb, lp.ub, lp.step))
+        except KeyError as exc:
+            if unknown is None:
+                raise
+            unknown.append(str(exc))
+            out.append(np.ones((), dtype=np.int64))
+            continue
         out.append(np.maximum(0, -((lb - ub) // st)))  # ceil((ub - lb) / step), ≥ 0
     return out
 
@@ -725,6 +799,133 @@ def load_chain(ir: IR, region: int) -> int:
     return max((depth(n) for n in load_defs), default=0)
 
 
+# ------------------------------------------------------------------- TTGIR: issued bytes per layout
+def _balanced(text: str, start: int) -> str:
+    """``text[start:]`` up to the ``>`` that closes the first ``<`` (inclusive)."""
+    depth = 0
+    for k in range(start, len(text)):
+        c = text[k]
+        if c == "<":
+            depth += 1
+        elif c == ">" and text[k - 1] != "-":  # not the "->" of a function type
+            depth -= 1
+            if depth == 0:
+                return text[start:k + 1]
+    return text[start:]
+
+
+def parse_layouts(text: str) -> dict[str, str]:
+    """The layout aliases of a TTGIR module: ``#blocked1`` → ``#ttg.blocked<{...}>``."""
+    out = {}
+    for raw in text.splitlines():
+        m = re.match(r"\s*(#[\w.]+)\s*=\s*(#ttg\w*\.\w+<)", raw)
+        if m:
+            out[m.group(1)] = _balanced(raw, m.start(2))
+    return out
+
+
+def _int_list(layout: str, key: str) -> list[int] | None:
+    m = re.search(rf"\b{key}\s*=\s*\[([\d,\s]*)\]", layout)
+    return [int(v) for v in m.group(1).split(",") if v.strip()] if m else None
+
+
+def _mma_as_blocked(layout: str) -> tuple:
+    """An MMA accumulator layout (``#ttg.nvidia_mma``, mma.sync v2 or wgmma v3) as the blocked coverage it
+    has for replication: per warp 16 rows of ``instrShape[1]`` columns, lanes 8 × 4, so (sizePerThread,
+    threadsPerWarp, warpsPerCTA) = ([2, instrShape[1] / 4], [8, 4], warpsPerCTA). (None, None, None) if unread."""
+    w, ins = _int_list(layout, "warpsPerCTA"), _int_list(layout, "instrShape")
+    if not w or not ins or len(w) != 2 or len(ins) < 2:
+        return None, None, None
+    return [2, max(1, ins[1] // 4)], [8, 4], w
+
+
+def layout_replication(layout: str, shape: list[int], aliases: dict[str, str]) -> float:
+    """How many threads of a CTA hold (and so load or store) each element of a ``shape`` tensor in ``layout``.
+
+    ``#ttg.blocked`` (sizePerThread s, threadsPerWarp t, warpsPerCTA w): Π_i max(1, s_i·t_i·w_i / S_i), the
+    CTA's coverage beyond the tensor wraps onto the same elements. ``#ttg.slice<{dim = d, parent = P}>``: the
+    t_d·w_d threads of P along the removed dimension hold the same element, times P's replication over the
+    remaining dimensions. An MMA accumulator layout (as its own layout or a slice's parent) is read as the blocked
+    layout it covers (:func:`_mma_as_blocked`). Any other layout (dot operands, shared, linear): 1."""
+    layout = aliases.get(layout, layout)
+    if layout.startswith("#ttg.blocked<"):
+        s, t, w = (_int_list(layout, k) for k in ("sizePerThread", "threadsPerWarp", "warpsPerCTA"))
+        if not (s and t and w) or not len(s) == len(t) == len(w) == len(shape):
+            return 1.0
+        return float(math.prod(max(1.0, si * ti * wi / n) for si, ti, wi, n in zip(s, t, w, shape)))
+    if layout.startswith("#ttg.nvidia_mma<"):
+        s, t, w = _mma_as_blocked(layout)
+        if not (s and t and w) or not len(s) == len(t) == len(w) == len(shape):
+            return 1.0
+        return float(math.prod(max(1.0, si * ti * wi / n) for si, ti, wi, n in zip(s, t, w, shape)))
+    if layout.startswith("#ttg.slice<"):
+        dm = re.search(r"\bdim\s*=\s*(\d+)", layout)
+        pm = re.search(r"\bparent\s*=\s*", layout)
+        if dm is None or pm is None:
+            return 1.0
+        rest = layout[pm.end():]
+        parent = _balanced(rest, 0) if rest.startswith("#ttg") else re.match(r"#[\w.]+", rest).group(0)
+        parent = aliases.get(parent, parent)
+        d = int(dm.group(1))
+        s, t, w = _mma_as_blocked(parent) if parent.startswith("#ttg.nvidia_mma<") else (
+            _int_list(parent, k) for k in ("sizePerThread", "threadsPerWarp", "warpsPerCTA"))
+        if not (s and t and w) or not len(s) == len(t) == len(w) == len(shape) + 1 or d >= len(t):
+            return 1.0
+        rest_dims = [i for i in range(len(t)) if i != d]
+        return float(t[d] * w[d] * math.prod(max(1.0, s[i] * t[i] * w[i] / n) for i, n in zip(rest_dims, shape)))
+    return 1.0
+
+
+def memop_replication(mo: MemOp, aliases: dict[str, str], num_warps: int) -> float:
+    """Replication (:func:`layout_replication`) of a TTGIR memory op's address tensor; a scalar access is
+    issued by every thread of the CTA (32 · num_warps)."""
+    types = mo.text.split(" : ", 1)[1] if " : " in mo.text else ""
+    i = types.find("tensor<")
+    if i < 0:
+        return 32.0 * num_warps
+    body = _balanced(types, i + len("tensor"))[1:-1]
+    shape = [int(v) for v in re.match(r"((?:\d+x)*)", body).group(1).rstrip("x").split("x") if v]
+    depth, enc = 0, ""
+    for k, c in enumerate(body):  # the encoding follows the element type after a top-level comma
+        depth += {"<": 1, ">": -1}.get(c, 0)
+        if c == "," and depth == 0:
+            enc = body[k + 1:].strip()
+            break
+    return layout_replication(enc, shape, aliases) if enc and shape else 1.0
+
+def ttgir_issued_bytes(ttgir: str, ttir: IR, env: dict, num_warps: int, P: int,
+                       per_region: dict | None = None) -> tuple[float | None, str]:
+    """Global bytes the TTGIR's memory ops issue over all ``P`` programs: Σ bytes × :func:`memop_replication`
+    × executions (trip counts from the same ``env`` as the TTIR's; a data-dependent bound gets 1 trip, as
+    there). ``(None, reason)`` when it cannot be evaluated: no TTGIR, an unevaluable loop bound, or loops
+    nested differently from the TTIR's."""
+    import numpy as np
+
+    if not ttgir:
+        return None, "no TTGIR"
+    g = parse_ttir(ttgir)
+    if [lp.parent for lp in g.loops] != [lp.parent for lp in ttir.loops]:
+        return None, f"loop nest {[lp.parent for lp in g.loops]} vs the TTIR's {[lp.parent for lp in ttir.loops]}"
+    unknown: list[str] = []
+    trips = [np.broadcast_to(t, (P,)) for t in loop_trips(g, env, unknown)]
+    bad = [u for u in unknown if "(tt.load)" not in u]
+    if bad:
+        return None, f"trip counts unknown: {bad[0]}"
+    execs = []
+    for i, lp in enumerate(g.loops):
+        e, p = trips[i].astype(np.float64), lp.parent
+        while p >= 0:
+            e, p = e * trips[p], g.loops[p].parent
+        execs.append(float(np.mean(e)))
+    aliases = parse_layouts(ttgir)
+    if per_region is not None:  # issued bytes of one execution of each loop body (-1: outside every loop)
+        for mo in g.memops:
+            if not mo.descriptor:
+                per_region[mo.region] = per_region.get(mo.region, 0.0) + mo.bytes * memop_replication(mo, aliases, num_warps)
+    total = sum(mo.bytes * memop_replication(mo, aliases, num_warps) * (execs[mo.region] if mo.region >= 0 else 1.0)
+                for mo in g.memops if not mo.descriptor)
+    return total * P, ""
+
 # ------------------------------------------------------------------------------------ workloads
 @dataclass(frozen=True)
 class Shape:
@@ -741,7 +942,7 @@ class OpSpec:
 
     name: str  # equss op name (equss.backends.OP_NAMES)
     launcher: str  # attribute of equss.kernels
-    dtypes: tuple[str, ...]  # "fp32-ieee", "fp32-tf32x3", "fp32-tf32", "bf16" (value dtype of the op)
+    dtypes: tuple[str, ...]  # "fp32-exact", "fp32-ieee", "fp32-tf32x3", "fp32-tf32", "bf16" (value dtype of the op)
     flops: object  # callable(shape) -> useful FLOPs of the op
     make: object  # callable(shape, torch dtype, tensor factory) -> the launcher's positional arguments
 
@@ -763,7 +964,7 @@ def _ops() -> list[OpSpec]:
     import torch
 
     f32 = torch.float32
-    assign_dtypes = ("fp32-ieee", "fp32-tf32x3", "fp32-tf32", "bf16")
+    assign_dtypes = ("fp32-exact", "fp32-ieee", "fp32-tf32x3", "fp32-tf32", "bf16")
     plain_dtypes = ("fp32", "bf16")
     assign_flops = lambda s: 2.0 * s.N * s.M * s.K * s.Ds
     return [
@@ -984,6 +1185,7 @@ def compile_launch(launch: Launch, arch: int) -> dict:
     num_warps = int(ck.metadata.num_warps)
     out = {
         "ttir": ck.asm["ttir"],
+        "ttgir": ck.asm.get("ttgir", ""),
         "sass": dump,
         "reg": usage["reg"],
         "spill": usage["stack"] + usage["local"],
@@ -1043,11 +1245,13 @@ def analyse(launch: Launch, comp: dict) -> dict:
         if isinstance(v, bool | int):
             env[a] = int(v)
     notes = []
-    try:
-        trips = [np.broadcast_to(t, (P,)) for t in loop_trips(ir, env)]
-    except KeyError as exc:
-        trips = [np.ones(P, dtype=np.int64) for _ in ir.loops]
-        notes.append(f"trip counts unknown ({exc}); 1 assumed")
+    unknown: list[str] = []
+    trips = [np.broadcast_to(t, (P,)) for t in loop_trips(ir, env, unknown)]
+    for why in unknown:  # that loop alone gets 1 trip
+        if "(tt.load)" in why:  # a bound the kernel loads from memory (e.g. a count of flagged rows)
+            notes.append(f"data-dependent trip count ({why}); 1 assumed for that loop")
+        else:
+            notes.append(f"trip counts unknown ({why}); 1 assumed for that loop")
     # executions of each TTIR loop body per program: product over its nest
     execs = []
     for i, lp in enumerate(ir.loops):
@@ -1078,11 +1282,29 @@ def analyse(launch: Launch, comp: dict) -> dict:
         notes.append("ptxas slow-path subroutines (CALL targets) not counted")
     owner = [innermost_loop(sloops, i.addr) for i in instrs]
     nw = comp["num_warps"]
+    # per loop body, the bytes its TTGIR memory ops issue (layout replication counted, as the SASS does):
+    # the unroll test compares like with like (a replicated load is not a second unrolled iteration)
+    issued_per_region: dict = {}
+    issued_bytes, why_not = ttgir_issued_bytes(comp.get("ttgir", ""), ir, env, nw, P, issued_per_region)
     unroll = []
     for li in range(len(sloops)):
         sb = sum(global_warp_bytes(i) for i, o in zip(instrs, owner) if o == li) * nw
-        tb = sum(mo.bytes for mo in ir.memops if mo.region == li and not mo.descriptor) if matched else 0
-        unroll.append(unroll_factor(sb, tb))
+        if not matched:
+            tb = 0
+        elif issued_bytes is not None:
+            tb = issued_per_region.get(li, 0.0)
+        else:
+            tb = sum(mo.bytes for mo in ir.memops if mo.region == li and not mo.descriptor)
+        u = unroll_factor(sb, tb)
+        # Lanes that load the same small vector (a per-column bias in an MMA layout) also multiply the SASS
+        # bytes: a loop that issues exactly its TTIR iteration's MMAs once was not unrolled.
+        s_mma = sum(mma_flops_per_warp(i.opcode)[0] for i, o in zip(instrs, owner) if o == li) * nw
+        t_mma = sum(f for r, f in ir.dots if r == li) if matched else 0.0
+        if u > 1 and s_mma > 0 and t_mma > 0 and abs(s_mma / t_mma - 1.0) <= 0.15:
+            notes.append(f"{launch.name}: a loop moves {sb / tb:.2f}× its TTIR iteration's global bytes but issues "
+                         "its MMAs once: redundant per-lane loads, not unrolling")
+            u = 1
+        unroll.append(u)
     weights = [1.0 if li is None else s_exec[li] / unroll[li] for li in owner]
     for li, u in enumerate(unroll):
         if u == 1:
@@ -1115,7 +1337,24 @@ def analyse(launch: Launch, comp: dict) -> dict:
     touched: dict[int, dict] = {}
     unknown_roots = 0
     mo_tensor: list[int | None] = []  # id of the tensor each memory op addresses
+    def never_runs(mo: MemOp) -> bool:
+        """An access inside an ``scf.if`` whose condition is false for every program at this launch (e.g. a
+        run-time ``fused`` flag that is 0): it moves no bytes. Conditions that cannot be evaluated count as true."""
+        for cond, branch in mo.guards:
+            try:
+                v = np.asarray(eval_scalar(ir, cond, env)).astype(bool)
+            except KeyError:
+                continue
+            if not np.any(v == branch):
+                return True
+        return False
+
+    dead = 0
     for mo in ir.memops:
+        if never_runs(mo):
+            dead += 1
+            mo_tensor.append(None)
+            continue
         traffic[mo.kind] += mo.bytes * float(region_exec(mo.region)) * P
         root = pointer_root(ir, mo.ptr)
         t = launch.bound.get(root) if root else None
@@ -1131,13 +1370,20 @@ def analyse(launch: Launch, comp: dict) -> dict:
         entry["requested"] += mo.bytes * float(region_exec(mo.region)) * P
     if unknown_roots:
         notes.append(f"{unknown_roots} memory ops with an address not traced to an argument (not in the minimum bytes)")
-    # cross-check: global bytes of the counted SASS instructions vs the TTIR's (should agree up to
-    # redundant per-warp loads of small tensors; a large gap means a misread of the control flow)
+    if dead:
+        notes.append(f"{launch.name}: {dead} memory ops in branches not taken at this launch (no bytes)")
+    # cross-check: global bytes of the counted SASS instructions vs the bytes the TTGIR's memory ops issue
+    # (each op's bytes × the threads its layout replicates each element over × its executions; like with
+    # like: a 1-D load in a slice layout is issued by every lane of a row, the TTIR counts it once). A
+    # large gap means a misread of the control flow. TTGIR not evaluable: the TTIR's bytes, with a note.
     sass_bytes = sum(global_warp_bytes(i) * w for i, w in weighted) * nw * P
     ttir_bytes = sum(mo.bytes * float(region_exec(mo.region)) * P for mo in ir.memops if not mo.descriptor)
-    bytes_ratio = sass_bytes / ttir_bytes if ttir_bytes else 1.0
+    if issued_bytes is None:
+        notes.append(f"{launch.name}: TTGIR not evaluable ({why_not}); SASS bytes compared with the TTIR's")
+        issued_bytes = ttir_bytes
+    bytes_ratio = sass_bytes / issued_bytes if issued_bytes else 1.0
     if not 0.67 <= bytes_ratio <= 1.5:
-        notes.append(f"{launch.name}: counted SASS global bytes are {bytes_ratio:.2f}× the TTIR's")
+        notes.append(f"{launch.name}: counted SASS global bytes are {bytes_ratio:.2f}× the TTGIR's issued bytes")
     min_read = sum(e["bytes"] for e in touched.values() if "load" in e["kinds"])
     min_write = sum(e["bytes"] for e in touched.values() if e["kinds"] & {"store", "atomic"})
 

@@ -226,6 +226,52 @@ def test_trip_counts_per_program_and_expressions():
         KM.eval_scalar(ir, "a2", env)  # a float: not evaluable
 
 
+# Two sibling loops that reuse SSA names (MLIR numbers values per region), a data-dependent loop bound and
+# a store behind a run-time flag.
+TTIR_SCOPES = """
+module {
+  tt.func public @k(%a_ptr: !tt.ptr<f32> loc(#loc), %b_ptr: !tt.ptr<f32> loc(#loc), %n_ptr: !tt.ptr<i32> loc(#loc), %fused: i32 loc(#loc)) attributes {noinline = false} {
+    %c0_i32 = arith.constant 0 : i32 loc(#loc1)
+    %c1_i32 = arith.constant 1 : i32 loc(#loc1)
+    %c4_i32 = arith.constant 4 : i32 loc(#loc1)
+    scf.for %i = %c0_i32 to %c4_i32 step %c1_i32  : i32 {
+      %20 = tt.splat %a_ptr : !tt.ptr<f32> -> tensor<64x!tt.ptr<f32>> loc(#loc2)
+      %v = tt.load %20 : tensor<64x!tt.ptr<f32>> loc(#loc2)
+      %f = arith.cmpi ne, %fused, %c0_i32 : i32 loc(#loc2)
+      scf.if %f {
+        tt.store %20, %v : tensor<64x!tt.ptr<f32>> loc(#loc2)
+      } else {
+        tt.store %20, %v : tensor<64x!tt.ptr<f32>> loc(#loc2)
+      } loc(#loc2)
+    } loc(#loc3)
+    %n = tt.load %n_ptr : !tt.ptr<i32> loc(#loc4)
+    scf.for %j = %c0_i32 to %n step %c1_i32  : i32 {
+      %20 = tt.splat %b_ptr : !tt.ptr<f32> -> tensor<32x!tt.ptr<f32>> loc(#loc5)
+      %w = tt.load %20 : tensor<32x!tt.ptr<f32>> loc(#loc5)
+    } loc(#loc6)
+    tt.return loc(#loc7)
+  } loc(#loc)
+} loc(#loc)
+"""
+
+
+def test_ttir_scopes_guards_and_data_dependent_trips():
+    ir = KM.parse_ttir(TTIR_SCOPES)
+    roots = [(mo.kind, mo.region, mo.bytes, KM.pointer_root(ir, mo.ptr)) for mo in ir.memops]
+    assert roots == [
+        ("load", 0, 256, "a_ptr"), ("store", 0, 256, "a_ptr"), ("store", 0, 256, "a_ptr"),
+        ("load", -1, 4, "n_ptr"), ("load", 1, 128, "b_ptr"),  # %20 of the second loop is not the first's
+    ]
+    then_, else_ = ir.memops[1].guards, ir.memops[2].guards
+    assert len(then_) == 1 and then_[0][1] is True and else_ == ((then_[0][0], False),)
+    assert KM.eval_scalar(ir, then_[0][0], {"fused": 0}) == 0
+    with pytest.raises(KeyError):
+        KM.loop_trips(ir, {"pid_x": 0, "num_x": 1, "fused": 0})
+    unknown: list = []
+    trips = KM.loop_trips(ir, {"pid_x": 0, "num_x": 1, "fused": 0}, unknown)
+    assert [int(t) for t in trips] == [4, 1] and len(unknown) == 1 and "(tt.load)" in unknown[0]
+
+
 def test_dependent_load_chain():
     ir = KM.parse_ttir(TTIR)
     assert KM.load_chain(ir, 0) == 2  # codes → mask → values
@@ -404,7 +450,28 @@ def test_model_reads_every_kernel(model_run):
     for r in result["rows"]:
         for arch, a in r["arch"].items():
             assert a["loop_match"], f"{r['key']} {arch}: SASS and TTIR loops differ: {a['notes']}"
+            # a bound the kernel loads from memory ("data-dependent trip count", e.g. the assign kernel's
+            # flagged-row recheck) gets 1 trip and a note; any other unevaluable bound fails here
             assert not any("trip counts unknown" in n for n in a["notes"]), f"{r['key']} {arch}: {a['notes']}"
             assert 0.67 <= a["sass_vs_ttir_bytes"] <= 1.5, f"{r['key']} {arch}: control flow misread: {a['notes']}"
         for g, p in r["gpu"].items():
             assert p["predicted_us"] > 0 and p["roofline_us"] >= 0, (r["key"], g)
+
+
+def test_layout_replication_from_ttgir():
+    """Issued bytes per TTGIR layout: the threads of a slice's removed dimension (and a layout's coverage
+    beyond the tensor) load the same element; scalars are issued by every thread; unknown layouts count 1."""
+    ttgir = """#blocked = #ttg.blocked<{sizePerThread = [1, 1], threadsPerWarp = [1, 32], warpsPerCTA = [4, 1], order = [1, 0]}>
+#blocked1 = #ttg.blocked<{sizePerThread = [1], threadsPerWarp = [32], warpsPerCTA = [4], order = [0]}>
+#mma = #ttg.nvidia_mma<{versionMajor = 2, versionMinor = 0, warpsPerCTA = [4, 1], instrShape = [16, 8]}>
+"""
+    al = KM.parse_layouts(ttgir)
+    assert KM.layout_replication("#ttg.slice<{dim = 1, parent = #blocked}>", [64], al) == 32  # every lane of a row
+    assert KM.layout_replication("#blocked1", [64], al) == 2  # 128 threads over 64 elements
+    assert KM.layout_replication("#blocked", [64, 32], al) == 1
+    assert KM.layout_replication("#ttg.slice<{dim = 0, parent = #mma}>", [64], al) == 32  # 8 lanes × 4 warps per column
+    assert KM.layout_replication("#shared", [64], al) == 1
+    mo = KM.MemOp("load", "p", 4, -1, "%1 = tt.load %0 : !tt.ptr<i32>")
+    assert KM.memop_replication(mo, al, 4) == 128
+    mo = KM.MemOp("load", "p", 256, -1, "%1 = tt.load %0 : tensor<64x!tt.ptr<i32>, #ttg.slice<{dim = 1, parent = #blocked}>>")
+    assert KM.memop_replication(mo, al, 4) == 32

@@ -7,7 +7,10 @@ the launchers only ever pick configurations from their module's ``CONFIGS`` (wha
 (``EQUSS_TRITON_PRECISION``), float64 inputs running as float32, the Triton segment sum's own error
 bound (each term added once in fp32, scatter and sorted kernels), its deterministic mode
 (``EQUSS_DETERMINISTIC``, ``torch.use_deterministic_algorithms``) and its independence of the grid, the
-grid-stride invariant of the scatter and gather launchers, and int64 offsets past 2³¹ elements (CUDA only).
+grid-stride invariant of the scatter and gather launchers, the exact default assign's tensor-core pass and
+its FMA recheck (ties and TF32-level near-ties, the error bound that decides which rows are rechecked, a
+test hook that disables the recheck), the fused op's in-kernel statistics and int64 offsets past 2³¹
+elements (CUDA only).
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ import equss.kernels as kernels  # noqa: E402
 from equss.kernels import _config as KC  # noqa: E402
 from helpers import (  # noqa: E402
     SEGMENT_EXTRA_ULPS,
+    assert_assign_contract,
     assert_segment_sum,
     counts64,
+    dist64,
     gen,
     unambiguous_rows,
     valid_vectors,
@@ -89,6 +94,12 @@ def test_pick_config_only_returns_precompiled_configs():
             for precision in KC.PRECISIONS:
                 for fused in (False, True):
                     assert pq_assign_mod.pick_config(dtype, Ds, precision, fused) in pq_assign_mod.CONFIGS
+                    for K in (1, 5, 63, 64, 65, 100, 256, 257, 512, 1000, 1024, 1025, 4096):
+                        for metric in ("l2", "dot"):
+                            cfg = pq_assign_mod.pick_config(dtype, Ds, precision, fused, K=K, metric=metric)
+                            assert cfg in pq_assign_mod.CONFIGS, cfg
+                            if cfg.kernel == "tc":  # the resident kernel holds every codeword
+                                assert K <= cfg.NG * cfg.BLOCK_K and Ds <= cfg.BLOCK_D
             assert pq_segment_sum_mod.pick_config(dtype, Ds) in pq_segment_sum_mod.CONFIGS
             # pq_cluster_stats runs the segment-sum kernel: its CONFIGS are that module's.
             assert pq_segment_sum_mod.pick_config(dtype, Ds) in pq_cluster_stats_mod.CONFIGS
@@ -123,10 +134,13 @@ def test_launchers_use_pick_config(picked):
         assert cfgs, f"{name}: the launcher did not call its pick_config"
         for cfg in cfgs:
             assert cfg in modules[name].CONFIGS, (name, cfg)
-    assert {(c.dtype, c.fused, c.D_LOOP) for c in picked["pq_assign"]} == {
-        (torch.float16, False, True),
-        (torch.float32, True, True),
+    # Ds = 40 > 32: the streaming kernel (fp16 native; fp32 exact runs as ieee there).
+    assert {(c.kernel, c.dtype, c.precision, c.D_LOOP) for c in picked["pq_assign"]} == {
+        ("generic", torch.float16, "native", True),
+        ("generic", torch.float32, "ieee", True),
     }
+    # The fused op adds its statistics in its own epilogue (no segment sum); the gather backward (fp32
+    # gradients) and pq_cluster_stats (bf16) still run the segment-sum kernel.
     assert {c.dtype for c in picked["pq_segment_sum"]} == {torch.float32, torch.bfloat16}
     assert {c.dtype for c in picked["pq_ema_apply"]} == {torch.float32, torch.float64}
 
@@ -149,17 +163,21 @@ def test_precision_from_env(monkeypatch, picked):
     monkeypatch.delenv(KC.PRECISION_ENV, raising=False)
     with equss.use_backend("triton"):
         equss.pq_assign(x, cb)
-        assert picked["pq_assign"][-1].precision == KC.DEFAULT_PRECISION == "ieee"
+        assert picked["pq_assign"][-1].precision == KC.DEFAULT_PRECISION == "exact"
+        assert picked["pq_assign"][-1].kernel == "tc"  # the default runs on tensor cores (Ds = 16, K = 20)
         for precision in KC.PRECISIONS:
             monkeypatch.setenv(KC.PRECISION_ENV, precision)
             codes, *_ = equss.pq_assign(x, cb, "l2")
-            assert picked["pq_assign"][-1].precision == precision and not picked["pq_assign"][-1].fused
+            assert picked["pq_assign"][-1].precision == precision
+            assert picked["pq_assign"][-1].kernel == ("tc" if precision == "exact" else "generic")
             assert int(codes.min()) >= 0 and int(codes.max()) < 20
             codes, *_ = equss.pq_assign_gather(x, cb, "l2")  # the fused op: precision from the env only
-            assert picked["pq_assign"][-1].precision == precision and picked["pq_assign"][-1].fused
+            assert picked["pq_assign"][-1].precision == precision
             assert int(codes.min()) >= 0 and int(codes.max()) < 20
             equss.pq_assign(x.half(), cb.half())  # half precision always uses the native products
-            assert picked["pq_assign"][-1].precision == "ieee"
+            assert picked["pq_assign"][-1].precision == "native"
+            equss.pq_assign(x.bfloat16(), cb.bfloat16())
+            assert picked["pq_assign"][-1].precision == "native" and picked["pq_assign"][-1].kernel == "tc"
         monkeypatch.setenv(KC.PRECISION_ENV, "bogus")
         with pytest.raises(ValueError, match="EQUSS_TRITON_PRECISION='bogus'"):
             equss.pq_assign(x, cb, "l2")
@@ -375,3 +393,157 @@ def test_int64_offsets_beyond_2_31_elements():
     ref_counts, ref_sums = R.pq_cluster_stats_ref(x, codes, K)
     assert torch.equal(counts, ref_counts)
     torch.testing.assert_close(sums, ref_sums, rtol=1e-4, atol=1e-2)  # ~10^5-term sums, order differs
+
+
+# ------------------------------------------------------- the exact default: tensor cores + FMA recheck
+def _assign_debug(x, cb, metric, precision="exact", recheck=True):
+    """The assign launcher with its test hook: ``(codes, min_dist, flagged-row count, config)``."""
+    dbg = {"recheck": recheck}
+    codes, min_dist, *_ = pq_assign_mod._launch(_to(x), _to(cb), metric, precision, _debug=dbg)
+    return codes.cpu(), min_dist.cpu(), dbg["flagged"], dbg["config"]
+
+
+@pytest.mark.parametrize("metric", ["dot", "l2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tensor_core_ties_are_rechecked_to_the_lowest_index(metric, dtype):
+    """Bit-identical codewords 5 and 13 share a packed-key position (a = 0 and 1 of the 8-wide thread-local
+    axis), so the tensor-core pass alone, comparing packed keys of a negative distance, keeps 13; every
+    row must be flagged, and the FMA recheck must return 5 (the lowest index), like the reference."""
+    N, M, K, Ds = 40, 2, 64, 32
+    g = gen(5)
+    cb = torch.nn.functional.normalize(torch.randn(M, K, Ds, generator=g), dim=-1)
+    cb[:, 13] = cb[:, 5]
+    x = torch.nn.functional.normalize(cb[:, 5].unsqueeze(0) + 0.02 * torch.randn(N, M, Ds, generator=g), dim=-1)
+    x, cb = x.to(dtype), cb.to(dtype)
+    assert torch.all(R.pq_assign_ref(x, cb, metric)[0] == 5)
+    codes, _, flagged, cfg = _assign_debug(x, cb, metric, recheck=False)
+    assert cfg.kernel == "tc" and flagged == 0
+    assert torch.all(codes == 13), codes  # the tensor-core pass alone: wrong at exact ties
+    codes, min_dist, flagged, _ = _assign_debug(x, cb, metric)
+    assert flagged == N * M and torch.all(codes == 5), codes
+    ref_codes, ref_dist = R.pq_assign_ref(x, cb, metric)
+    assert torch.equal(codes, ref_codes)
+    torch.testing.assert_close(min_dist, ref_dist, rtol=1e-5, atol=1e-5)
+
+
+def _tf32(v: torch.Tensor) -> torch.Tensor:
+    """fp32 → the nearest tf32 (10 explicit mantissa bits, ties to even), as fp32."""
+    b = v.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    b = (b + 0xFFF + ((b >> 13) & 1)) & 0xFFFFE000
+    return b.to(torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("metric", ["dot", "l2"])
+def test_exact_default_equals_float64_on_near_ties_that_tf32_gets_wrong(metric):
+    """Pairs of codewords 2e-3 apart and rows around their bisector: fp32-unambiguous rows (every backend
+    must return the float64 argmin there) whose gap is below TF32 rounding. One TF32 product (inputs
+    rounded to tf32, emulated in float64) picks the wrong codeword on some of them; the exact default
+    flags such rows and returns the float64 codes on every one."""
+    N, M, K, Ds = 200, 2, 64, 32
+    g = gen(6)
+    cb = torch.nn.functional.normalize(torch.randn(M, K, Ds, generator=g), dim=-1)
+    for m in range(M):
+        u = torch.randn(Ds, generator=g)
+        u = u - (u @ cb[m, 0]) * cb[m, 0]
+        cb[m, 1] = torch.nn.functional.normalize(cb[m, 0] + 2e-3 * u / u.norm(), dim=-1)
+    mid = torch.nn.functional.normalize(cb[:, 0] + cb[:, 1], dim=-1)
+    x = torch.nn.functional.normalize(mid.unsqueeze(0) + 0.05 * torch.randn(N, M, Ds, generator=g), dim=-1)
+    exact, clear = unambiguous_rows(x, cb, metric)
+    assert clear.sum() > N * M // 2
+    tf32_codes = dist64(_tf32(x), _tf32(cb), metric).argmin(-1)
+    assert (tf32_codes != exact)[clear].sum() >= 5  # tf32 alone gets these wrong
+    codes, min_dist, flagged, cfg = _assign_debug(x, cb, metric)
+    assert cfg.kernel == "tc" and flagged > 0  # the recheck really ran
+    assert torch.equal(codes.long()[clear], exact[clear])
+    assert_assign_contract(x, cb, metric, codes, min_dist, backend="triton")
+
+
+def _emulated_split_keys(x, cb, metric, A):
+    """float32 emulation of the tensor-core pass of the fp32 "exact" kernel for every (row, codeword):
+    RN bf16 pieces of x and −2c, the three products summed left to right in fp32 (one valid order), the
+    l2 bias added in fp32 and the low log2(A) bits replaced by the thread-local position."""
+    def rn(v):
+        b = v.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(torch.int32).view(torch.float32)
+
+    c2 = -2.0 * cb.float()
+    xh, ch = rn(x.float()), rn(c2)
+    xl, cl = rn(x.float() - xh), rn(c2 - ch)
+    terms = torch.cat(
+        [xh.unsqueeze(2) * ch.unsqueeze(0), xh.unsqueeze(2) * cl.unsqueeze(0), xl.unsqueeze(2) * ch.unsqueeze(0)], -1
+    )  # [N, M, K, 3·Ds] exact products
+    acc = torch.zeros(terms.shape[:-1])
+    for i in range(terms.shape[-1]):  # sequential fp32 accumulation
+        acc = acc + terms[..., i]
+    if metric == "l2":
+        acc = acc + (cb.float() ** 2).sum(-1).unsqueeze(0)
+    k = torch.arange(cb.shape[1])
+    a = (k % 64) // 8  # the position a of codeword k in its 64-codeword group (column = 8a + b)
+    bits = acc.view(torch.int32)
+    return ((bits & ~(A - 1)) | a.to(torch.int32)).view(torch.float32)
+
+
+@pytest.mark.parametrize("metric", ["dot", "l2"])
+def test_gap_bound_covers_the_split_products(metric):
+    """The bound of ``_gap_bound`` against float64 on data built to stress it: rows and codewords over 2^±20
+    of dynamic range, mixed signs, subnormal-free, K = 256 (four groups). Every emulated key must lie
+    within E = gap_a·‖x‖·max‖c‖ + gap_b·max‖c‖² of the exact distance, and the bound must not be vacuous
+    (the observed error uses a real share of it only for the worst rows, never more than all of it)."""
+    N, M, K, Ds = 48, 2, 256, 32
+    g = gen(31)
+    scale = torch.exp2(torch.randint(-20, 21, (N, M, 1), generator=g).float())
+    x = torch.randn(N, M, Ds, generator=g) * scale
+    cb = torch.randn(M, K, Ds, generator=g) * torch.exp2(torch.randint(-3, 4, (M, K, 1), generator=g).float())
+    cfg = pq_assign_mod.pick_config(torch.float32, Ds, "exact", K=K, metric=metric)
+    assert cfg.kernel == "tc"
+    gap_a, gap_b = pq_assign_mod._gap_bound(cfg)
+    keys = _emulated_split_keys(x, cb, metric, cfg.BLOCK_K // 8).double()
+    x64, c64 = x.double(), cb.double()
+    exact = -2.0 * torch.einsum("nmd,mkd->nmk", x64, c64)
+    if metric == "l2":
+        exact = exact + (c64**2).sum(-1).unsqueeze(0)
+    cmax = c64.norm(dim=-1).max(-1).values  # [M]
+    E = gap_a * x64.norm(dim=-1) * cmax + gap_b * cmax**2  # [N, M]
+    err = (keys - exact).abs().amax(-1)
+    assert torch.all(err <= E), (err / E).max()
+    assert (err / E).max() > 1e-3  # the bound is within a few orders of magnitude of the real error
+
+
+def test_fused_statistics_come_from_the_assign_epilogue(monkeypatch):
+    """With stats_x in x's dtype (and without stats_x) the fused op adds counts and sums in its own
+    epilogue; only a half-precision x with a stats_x of another dtype falls back to the segment sum."""
+    calls = []
+    original = pq_assign_mod.segment_sum_triton
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pq_assign_mod, "segment_sum_triton", spy)
+    x = _to(torch.randn(70, 2, 16, generator=gen(12)))
+    cb = _to(torch.randn(2, 30, 16, generator=gen(13)))
+    with equss.use_backend("triton"):
+        for stats_x in (None, x * 2, (x * 2).double()):
+            out = equss.pq_assign_gather(x, cb, "l2", stats_x=stats_x)
+            assert out[4].sum() == 70 * 2
+        assert calls == []
+        xb, cbb = x.bfloat16(), cb.bfloat16()
+        out = equss.pq_assign_gather(xb, cbb, "l2", stats_x=x)  # fp32 stats_x for bf16 x
+        assert calls == [torch.float32] and out[5].shape == (2, 30, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tensor_core_recheck_keeps_valid_codewords_above_2_127(dtype):
+    """Valid codewords with ||c||² in (2^127, fp32 max) are not the kernel's invalid marker (2^127 in the
+    keys' bias row): their keys are flagged and the FMA recheck (its own bias row, +inf only for invalid
+    codewords) returns the reference's code and a finite min_dist."""
+    cb = torch.stack([torch.full((4,), 8.2e18), torch.full((4,), 8.0e18), torch.full((4,), float("nan"))]).view(1, 3, 4)
+    x = torch.tensor([[[1.0, 2.0, 3.0, 4.0]], [[1e18, 1e18, 1e18, 1e18]]])
+    x, cb = x.to(dtype), cb.to(dtype)
+    ref_codes, ref_dist = R.pq_assign_ref(x, cb, "l2")
+    assert ref_codes.tolist() == [[1], [1]] and torch.isfinite(ref_dist).all()
+    codes, min_dist, flagged, cfg = _assign_debug(x, cb, "l2")
+    assert cfg.kernel == "tc" and flagged == 2
+    assert torch.equal(codes, ref_codes.to(codes.dtype)), codes
+    torch.testing.assert_close(min_dist, ref_dist, rtol=1e-5, atol=0.0)
