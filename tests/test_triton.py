@@ -205,6 +205,7 @@ def test_float64_runs_as_float32(picked):
 
 
 # ------------------------------------------------------------------------------- segment-sum error bound
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 def test_segment_sum_split_fp32_bound(dtype):
     """The launcher directly (the name is historical: the kernel used to split fp32 values into bfloat16
@@ -246,6 +247,7 @@ def _wide_values(shape, dtype, seed):
 SCATTER_SHAPES = [(300, 2, 70, 32), (97, 3, 9, 45), (1500, 3, 5, 32), (211, 5, 17, 7)]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, Triton interpreter
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("deterministic", [False, True], ids=["scatter", "sorted"])
@@ -283,6 +285,7 @@ def test_segment_sum_adds_each_term_once(shape, dtype, deterministic):
     assert_segment_sum(grad, v.float(), codes, K, extra_ulps=0, label="grad")
 
 
+@pytest.mark.slow
 def test_segment_sum_sorted_is_independent_of_the_grid(monkeypatch):
     """The sorted (deterministic) kernel gives bit-identical sums whatever the GPU size, while the scatter's
     result moves with the row split (checked on the same data, so the comparison has power). Under the
@@ -357,6 +360,7 @@ def test_row_tile_programs_keep_each_row_lane_in_one_subspace():
                         assert p <= target  # never more programs than can be resident
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", [(1500, 3, 5, 32), (211, 5, 17, 7), (90, 7, 3, 40)], ids=str)
 def test_gather_several_tiles_per_program(shape, dtype):
