@@ -37,7 +37,7 @@
 #
 # Environment: OUT (default benchmarks/results/proof-out), EQUSS_PROOF_WORK (scratch, /tmp/equss-proof),
 # EQUSS_PROOF_SITE (wheel target, /tmp/site), EQUSS_COMMIT (recorded where no .git travels),
-# EQUSS_TRITON_PRECISION (ieee | tf32x3 | tf32; recorded), EQUSS_PROOF_MODE (gpu | rehearse; set by
+# EQUSS_TRITON_PRECISION (exact | ieee | tf32x3 | tf32; recorded), EQUSS_PROOF_MODE (gpu | rehearse; set by
 # --rehearse). Only python3 is called (the GPU machine may have no `python`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
