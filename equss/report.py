@@ -110,7 +110,7 @@ def linear_baseline(train_base, val_loader, featurize, n_classes, device, seed, 
     for batch in val_loader:
         label = batch["label"].to(device)
         f = featurize(batch).float()
-        logits = lin(((f.permute(0, 2, 3, 1) - mu) / sd)).permute(0, 3, 1, 2)
+        logits = lin((f.permute(0, 2, 3, 1) - mu) / sd).permute(0, 3, 1, 2)
         logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
         cm.update(logits.argmax(1), label)
     log.info("linear baseline: %d classes on %d labelled backbone features, fitted and evaluated in %.1f s",

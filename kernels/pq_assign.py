@@ -678,7 +678,7 @@ def _assign_generic_kernel(
 
 
 # ------------------------------------------------------------------------------------ error bound
-def _gap_bound(cfg: "AssignConfig") -> tuple[float, float]:
+def _gap_bound(cfg: AssignConfig) -> tuple[float, float]:
     """``(gap_a, gap_b)``: every key of a valid row and codeword is within
     ``E = gap_a·‖x‖·c_max + gap_b·c_max²`` of the exact distance (``c_max = max ‖c‖`` over the valid
     codewords); a row is final only when ``second − best > 2E`` (times 1 + 2⁻¹⁰ for the bound's own
