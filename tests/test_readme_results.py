@@ -48,3 +48,12 @@ def test_quick_run_writes_the_section(tmp_path):
     assert "predictions.png" in shown and "class_entropy.png" in shown
     for name in shown:
         assert (figures / name).stat().st_size > 1000, name
+
+    # --render-only rewrites the same section from the finished run (its commit, its times)
+    proc = subprocess.run(
+        [sys.executable, "scripts/readme_results.py", "--render-only", "--readme", str(readme),
+         "--out-dir", str(tmp_path / "runs"), "--figures-dir", str(figures)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert readme.read_text() == after
