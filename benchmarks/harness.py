@@ -13,7 +13,7 @@ same steps run with 1 round and no do_bench (it needs CUDA events); the numbers 
 Roofline: ``max(bytes / HBM bandwidth, flops / matmul rate)`` where the rate is that of the arithmetic
 the case's distance products actually run in (:func:`matmul_precision`): fp32 FMAs (Triton ``ieee``, the
 CUDA extension, the fp32 PyTorch paths with TF32 off), TF32 or 3×TF32 tensor cores (Triton ``tf32`` /
-``tf32x3``), bf16 tensor cores (Triton and the authors' matmul on bf16 inputs; the PyTorch reference
+``tf32x3``), 3×bf16 tensor cores (Triton ``exact``, the default), bf16 tensor cores (Triton and the authors' matmul on bf16 inputs; the PyTorch reference
 upcasts bf16 to fp32). Bandwidth and rates are measured in the same session (a device copy, ``torch.mm``).
 """
 
@@ -84,9 +84,12 @@ def hbm_bandwidth() -> float:
 
 @functools.cache
 def matmul_rate(precision: str) -> float:
-    """FLOP/s of ``torch.mm`` in ``precision``: ``fp32`` (TF32 off), ``tf32``, ``tf32x3`` (a third of tf32), ``bf16``."""
+    """FLOP/s of ``torch.mm`` in ``precision``: ``fp32`` (TF32 off), ``tf32``, ``tf32x3`` (a third of tf32), ``bf16``,
+    ``bf16x3`` (a third of bf16: the Triton ``exact`` default's three split products)."""
     if precision == "tf32x3":
         return matmul_rate("tf32") / 3
+    if precision == "bf16x3":
+        return matmul_rate("bf16") / 3
     n = 8192 if ON_CUDA else 256
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a = torch.randn(n, n, device=DEVICE, dtype=dtype, generator=generator(99))
@@ -104,7 +107,7 @@ def triton_precision() -> str:
     try:
         return importlib.import_module("equss.kernels._config").resolve_precision()
     except Exception:
-        return "ieee"
+        return "exact"
 
 
 def matmul_precision(backend: str, dtype_name: str) -> str:
@@ -112,7 +115,7 @@ def matmul_precision(backend: str, dtype_name: str) -> str:
     if backend.startswith("triton"):
         if dtype_name in ("bfloat16", "float16"):
             return "bf16"
-        return {"ieee": "fp32", "tf32": "tf32", "tf32x3": "tf32x3"}[triton_precision()]
+        return {"exact": "bf16x3", "ieee": "fp32", "tf32": "tf32", "tf32x3": "tf32x3"}[triton_precision()]
     if backend == "authors" and dtype_name in ("bfloat16", "float16"):
         return "bf16"  # their matmul runs in the input dtype
     if backend in ("torch", "authors", "vqp") and ON_CUDA and torch.backends.cuda.matmul.allow_tf32:
