@@ -42,7 +42,10 @@ class Backend:
 _PARAMS = [
     pytest.param(Backend("torch", "cpu"), id="torch"),
     pytest.param(Backend("ext", "cpu"), id="ext"),
-    pytest.param(Backend("triton", "cuda" if _CUDA else "cpu"), id="triton", marks=pytest.mark.triton),
+    # Without CUDA the Triton cases run under the interpreter, ~80 % of the cross-backend tests' time:
+    # slow there, so `pytest -m "not slow"` keeps the quick loop quick (tests/test_triton.py still runs).
+    pytest.param(Backend("triton", "cuda" if _CUDA else "cpu"), id="triton",
+                 marks=[pytest.mark.triton] if _CUDA else [pytest.mark.triton, pytest.mark.slow]),
 ]
 if _CUDA:
     _PARAMS.append(pytest.param(Backend("ext", "cuda"), id="ext-cuda", marks=pytest.mark.cuda))
