@@ -185,7 +185,7 @@ def build_train_data(cfg: TrainConfig, backbone: nn.Module, device: torch.device
     train_images = build_dataset(d.dataset, split=d.train_split, res=d.train_res, **kwargs)
     val_images = build_dataset(d.dataset, split=d.val_split, res=d.val_res, **kwargs)
     n_classes = int(train_images.num_classes)
-    if n_classes < 2:  # only an unlabelled image folder without data.num_clusters gets here
+    if n_classes == 0:  # only an unlabelled image folder without data.num_clusters has no classes
         raise ConfigError(f"data.num_clusters: {d.root} has no labels, so training needs the number of clusters "
                           f"to find (data.num_clusters=K, K >= 2)")
     class_names = list(getattr(train_images, "class_names", [str(i) for i in range(n_classes)]))
