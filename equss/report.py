@@ -163,10 +163,10 @@ def format_results(result: dict[str, Any], cfg: TrainConfig) -> str:
     lines.append(f"| chance (majority class) | {chance:.1f} | — | — | — |")
     if "kmeans_baseline" in result:
         km = result["kmeans_baseline"]["cluster"]
-        lines.append(f"| k-means on backbone features | {km.accuracy:.1f} | {km.miou:.1f} | — | — |")
+        lines.append(f"| k-means on the frozen backbone features | {km.accuracy:.1f} | {km.miou:.1f} | — | — |")
     if "linear_baseline" in result:
         lb = result["linear_baseline"]["linear"]
-        lines.append(f"| linear probe on backbone features (labels; upper reference) | — | — | {lb.accuracy:.1f} "
+        lines.append(f"| linear probe on the frozen backbone features (labels; upper reference) | — | — | {lb.accuracy:.1f} "
                      f"| {lb.miou:.1f} |")
     for key, name in (("no_crf", "EQUSS"), ("crf", "EQUSS + CRF")):
         if key in result:
