@@ -151,9 +151,10 @@ def kernel_configs(shape: PQShape, dtype: torch.dtype) -> dict[str, str]:
         gather = importlib.import_module("equss.kernels.pq_gather")
         segment = importlib.import_module("equss.kernels.pq_segment_sum")
         precision = kc.resolve_precision(None)
+        arch = kc.device_arch(DEVICE)
         return {
-            "pq_assign": assign.pick_config(dtype, shape.Ds, precision, False).describe(),
-            "pq_assign_gather": assign.pick_config(dtype, shape.Ds, precision, True).describe(),
+            "pq_assign": assign.pick_config(dtype, shape.Ds, precision, False, K=shape.K, arch=arch).describe(),
+            "pq_assign_gather": assign.pick_config(dtype, shape.Ds, precision, True, K=shape.K, arch=arch).describe(),
             "pq_gather": gather.pick_config(dtype, shape.Ds).describe(),
             "segment_sum": segment.pick_config(dtype, shape.Ds).describe(),
         }

@@ -66,6 +66,9 @@ BLOCK_D_CHOICES = (16, 32)
 # Without a GPU the segment reductions still split the rows over several programs, as if the device
 # had this many SMs, so the tests exercise the cross-program atomics.
 _INTERPRETER_SMS = 4
+# Under the interpreter the launchers pick the configurations of this compute capability (tests set 80 to
+# run the sm_80 classes).
+_INTERPRETER_ARCH = 90
 
 
 def resolve_precision(precision: str | None = None) -> str:
@@ -94,6 +97,19 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return _INTERPRETER_SMS
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _arch(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return 10 * props.major + props.minor
+
+
+def device_arch(device: torch.device) -> int:
+    """Compute capability of ``device`` as ``10·major + minor`` (``_INTERPRETER_ARCH`` under the interpreter)."""
+    if device.type != "cuda":
+        return _INTERPRETER_ARCH
+    return _arch(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _param_names(kernel) -> list[tuple[str, bool]]:

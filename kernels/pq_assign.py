@@ -10,13 +10,18 @@ never win, invalid rows → code 0 and ``min_dist`` NaN):
     loop-invariant operands, which the compiler keeps resident in shared memory for the whole program
     (the ``local_alloc`` is hoisted out of the row loop), so x is read once from HBM and the codebook
     once per program. Per row tile each group costs one tensor-core product (bfloat16 inputs) or three
-    (float32: ``x·c ≈ xh·ch + xh·cl + xl·ch`` with x and c split into two bfloat16 pieces each), then,
-    in the accumulator's own register layout, a packed-key top-2: the accumulator is viewed as
-    ``[BLOCK_N, A, 8]`` (``A = KG/8`` columns that one thread owns), the ``log2 A`` low bits of each
-    fp32 distance are replaced by its position ``a`` (one ``lop3``) and a thread-local reduction over
-    ``a`` keeps the best and second-best key (three min/max per distance; no shuffles, no shared
-    memory, no barrier). Groups merge element-wise; ONE best/second-best/index reduction per row (two
-    butterfly shuffles inside a quad) ends the tile.
+    (float32: ``x·c ≈ xh·ch + xh·cl + xl·ch`` with x and c split into two bfloat16 pieces each), plus,
+    for l2, one small product that adds ``‖c‖²`` (its three bfloat16 pieces times a column of ones), so
+    the accumulator holds the distances and a distance costs no add. Then, in the accumulator's own
+    register layout (``[BLOCK_N, A, 8]``: ``A = KG/8`` columns that one thread owns per row, 8 across a
+    quad), a two-partition top-2 (:func:`_two_partition_top2`): P, by (a, thread), keeps the element-wise
+    minimum over the groups (and over the thread's two columns); Q, by (group, column), the minimum over
+    ``a`` (thread-local) with the group index packed into its low bits and a running best and second best
+    over the groups. A P part and a Q part meet in one distance, so the winner is where P's and Q's best
+    parts meet and the second best is the smaller of their second bests: 2.4 ALU operations per distance
+    in the sm_90 SASS, where a running top-2 of packed keys took four (three min/max and the pack), and
+    no shuffles, shared memory or barriers.
+    ONE best/second-best/index reduction per row over the quad's four threads ends the tile.
 
     The keys are approximate on purpose: a row whose gap ``second − best`` exceeds a rigorous bound on
     every key's error (:func:`_gap_bound`, derivation there) has the exact argmin as its winner, so
@@ -49,10 +54,10 @@ Shapes: ``x [N, M, Ds]``, ``codebooks [M, K, Ds]``, ``codes / min_dist [N, M]``.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -98,6 +103,32 @@ def _split(v, EXACT_DOT: tl.constexpr):
 
 
 @triton.jit
+def _split_trunc(v, EXACT_DOT: tl.constexpr):
+    """``v ≈ hi + lo`` with ``hi`` = ``v`` truncated to bfloat16 (a bit mask, exact: ``|v − hi| < 2⁻⁷|v|``)
+    and ``lo`` = RN_bf16(v − hi) (residual ≤ 2⁻¹⁶|v|). On GPU the bf16 ``hi`` is the upper half of each
+    fp32 (a byte permute per pair), where rounding takes a conversion and a shift per element."""
+    hi32 = (v.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    lo = v - hi32
+    if EXACT_DOT:
+        return hi32, _rn_bf16(lo)
+    else:
+        hi = (v.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return _opaque(hi), _opaque(lo.to(tl.bfloat16))
+
+
+@triton.jit
+def _split3(v, EXACT_DOT: tl.constexpr):
+    """``v ≈ p0 + p1 + p2`` in three bfloat16 pieces (fp32 values under the interpreter), relative error
+    < 2⁻²⁵. ``p0`` is ``v`` truncated to bfloat16 (rounding up could overflow to inf near the fp32
+    maximum), so ``v − p0`` is exact with ``|v − p0| < 2⁻⁷|v|``; ``p1``, ``p2`` round to nearest."""
+    p0 = (v.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    p1, p2 = _split(v - p0, EXACT_DOT)
+    if not EXACT_DOT:
+        p0 = p0.to(tl.bfloat16)
+    return p0, p1, p2
+
+
+@triton.jit
 def _opaque(v):
     """GPU only: an identity (``mov``) the compiler cannot look through or duplicate."""
     return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=v.dtype, is_pure=False, pack=2)
@@ -118,8 +149,8 @@ def _mm(a, bt, acc, EXACT_DOT: tl.constexpr):
 def _pack(v, a, A: tl.constexpr, EXACT_DOT: tl.constexpr):
     """fp32 ``v`` with its ``log2 A`` low mantissa bits replaced by ``a`` (an int32 tensor in ``[0, A)``).
 
-    One ``lop3`` per element on GPU (``(v & ~(A-1)) | a``); ``a`` comes from memory so that it lives in
-    ordinary registers (a constant or uniform register would cost a second instruction). The key moves
+    One ``lop3`` per element on GPU (``(v & ~(A-1)) | a``); ``a`` is loaded from memory so that it lives in
+    ordinary registers (a constant is rematerialised in the loop or costs a second instruction). The key moves
     ``v`` by less than ``A`` ulps (relative error < 2^(log2 A − 23)) and keeps its sign."""
     bits = v.to(tl.int32, bitcast=True)
     if EXACT_DOT:
@@ -127,6 +158,20 @@ def _pack(v, a, A: tl.constexpr, EXACT_DOT: tl.constexpr):
     else:
         key = tl.inline_asm_elementwise(
             "lop3.b32 $0, $1, $3, $2, 0xEA;", "=r,r,r,n", [bits, a, -A], dtype=tl.int32, is_pure=True, pack=1
+        )
+    return key.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pack_const(v, g: tl.constexpr, mask_reg, NB: tl.constexpr, EXACT_DOT: tl.constexpr):
+    """:func:`_pack` with a compile-time position ``g < NB``: ``(v & ~(NB-1)) | g`` as one ``lop3`` with ``g``
+    an immediate and the mask ``-NB`` in a register (``mask_reg``, derived from a loaded value)."""
+    bits = v.to(tl.int32, bitcast=True)
+    if EXACT_DOT:
+        key = (bits & (-NB)) | g
+    else:
+        key = tl.inline_asm_elementwise(
+            "lop3.b32 $0, $1, $3, $2, 0xEC;", "=r,r,r,n", [bits, mask_reg, g], dtype=tl.int32, is_pure=True, pack=1
         )
     return key.to(tl.float32, bitcast=True)
 
@@ -194,26 +239,87 @@ def _row_top2(b1, b2, pos, EXACT_DOT: tl.constexpr):
 
 
 @triton.jit
-def _group_keys(xt, xh, xl, ct_hi, ct_lo, bias_ptr, kk, aa, BLOCK_N: tl.constexpr, KG: tl.constexpr, SPLIT: tl.constexpr,
-                L2: tl.constexpr, EXACT_DOT: tl.constexpr):
-    """One 64-codeword group of a row tile: its tensor-core distances, packed keys and thread-local top-2.
+def _group_dist(xh, xl, ct_hi, ct_lo, one, bt, bias_ptr, kk, BLOCK_N: tl.constexpr, KG: tl.constexpr,
+                SPLIT: tl.constexpr, L2: tl.constexpr, BIAS_MMA: tl.constexpr, EXACT_DOT: tl.constexpr):
+    """One 64-codeword group of a row tile: its tensor-core distances as ``[BLOCK_N, KG // 8, 8]`` (column
+    ``8a + j`` at ``[:, a, j]``; in the accumulator's layout axis 1 is thread-local, axis 2 spans a quad).
 
+    l2 adds ``||c||²``: with ``BIAS_MMA`` in the product itself (one more MMA of ``one [BLOCK_N, 16]``, ones
+    in columns 0–2, with ``bt [16, KG]``, its three bfloat16 pieces in rows 0–2), so a distance costs no
+    add; else as an fp32 add of the bias row (``bias_ptr + kk``, an L1 hit), which needs no shared-memory
+    operand (the large class, whose registers cannot hold one more descriptor per group).
     float32 (SPLIT): ``d = [l2]||c||² + xh·ch + xh·cl + xl·ch`` with the pieces of x and of −2c;
-    bfloat16: ``d = [l2](||c||² + 2 x·(−c))`` or ``x·(−c)``. Returns ``(best, second) [BLOCK_N, 8]``."""
-    A: tl.constexpr = KG // 8
+    bfloat16: ``d = ||c||² + x·(−2c)`` (l2) or ``x·(−c)`` (dot)."""
     acc = tl.zeros([BLOCK_N, KG], dtype=tl.float32)
+    if L2 and BIAS_MMA:
+        acc = _mm(one, bt, acc, EXACT_DOT)
+    acc = _mm(xh, ct_hi, acc, EXACT_DOT)
     if SPLIT:
-        acc = _mm(xh, ct_hi, acc, EXACT_DOT)
         acc = _mm(xh, ct_lo, acc, EXACT_DOT)
         acc = _mm(xl, ct_hi, acc, EXACT_DOT)
-    else:
-        acc = _mm(xt, ct_hi, acc, EXACT_DOT)
-        if L2:
-            acc = acc * 2.0
-    if L2:
+    if L2 and not BIAS_MMA:
         acc = acc + tl.load(bias_ptr + kk)[None, :]
-    key = _pack(tl.reshape(acc, [BLOCK_N, A, 8]), aa[None, :, None], A, EXACT_DOT)
-    return _group_top2(key, EXACT_DOT)
+    return tl.reshape(acc, [BLOCK_N, KG // 8, 8])
+
+
+@triton.jit
+def _streamed(base, g, kk, d, KG: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Group ``g`` of a streamed codebook piece (``[NG·KG, BLOCK_D]`` bf16 at ``base``) as a ``[BLOCK_D, KG]``
+    dot operand."""
+    return tl.trans(tl.load(base + ((g * KG + kk)[:, None] * BLOCK_D + d[None, :])))
+
+
+@triton.jit
+def _minnan(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _pair_min(k):
+    """``[R, A, 8]`` → ``[R, A, 4]``: the minimum of columns ``j = 2t`` and ``2t + 1`` (one thread's pair)."""
+    R: tl.constexpr = k.shape[0]
+    A: tl.constexpr = k.shape[1]
+    ke, ko = tl.split(tl.reshape(k, [R, A, 4, 2]))
+    return _minnan(ke, ko)
+
+
+@triton.jit
+def _min_axis1(k, EXACT_DOT: tl.constexpr):
+    """``[R, A, W]`` → ``[R, W]``: the minimum over axis 1, NaN-propagating (vectorised under the interpreter)."""
+    if EXACT_DOT:
+        bad = tl.max((k != k).to(tl.int32), axis=1) > 0
+        return tl.where(bad, float("nan"), tl.min(tl.where(k != k, _INF, k), axis=1))
+    else:
+        return tl.reduce(k, 1, _minnan)
+
+
+@triton.jit
+def _two_partition_top2(pg, q1, q2, aa, A: tl.constexpr, NG: tl.constexpr, KG: tl.constexpr, EXACT_DOT: tl.constexpr):
+    """Per row: ``(best, second, index of best)`` of its distances, from two partitions of them.
+
+    ``pg [R, A, 4]``: the minimum over the groups and over columns ``j = 2t, 2t + 1`` of the distances at
+    columns ``8a + j`` (:func:`_pair_min`); ``q1, q2 [R, 8]``: best
+    and second best over the groups of the minimum over ``a`` at column ``j``, the group index packed into
+    the low ``log2 NG`` bits. P's parts are (a, thread) — a thread holds the columns j = 2t, 2t + 1 — and
+    Q's are (group, j). A P part and a Q part meet in exactly one distance, so with a unique minimum the
+    winner is the intersection of P's and Q's best parts, and the second best is the smaller of P's and
+    Q's second-best parts: every other distance lies outside the winner's P part or outside its Q part.
+    Where the two argmins differ (two distances within packing error of each other) one of them is the
+    other partition's second best, so the gap is below the flag bound and the row is rechecked. Per thread
+    P is reduced over a (packed with a) and Q over its two columns, then one (best, second, index)
+    reduction over the quad's four threads. NaN-propagating throughout (module docstring)."""
+    R: tl.constexpr = pg.shape[0]
+    p = _pack(pg, aa[None, :, None], A, EXACT_DOT)  # [R, A, 4]: parts (a, thread)
+    bp, sp = _group_top2(p, EXACT_DOT)  # [R, 4]
+    qe1, qo1 = tl.split(tl.reshape(q1, [R, 4, 2]))
+    qe2, qo2 = tl.split(tl.reshape(q2, [R, 4, 2]))
+    bq = _minnan(qe1, qo1)
+    hi = tl.maximum(qe1, qo1, propagate_nan=tl.PropagateNan.ALL)
+    sq = _minnan(_minnan(qe2, qo2), hi)
+    e = (qo1 < qe1).to(tl.int32)
+    t4 = tl.arange(0, 4)[None, :]
+    pos = (bq.to(tl.int32, bitcast=True) & (NG - 1)) * KG + (bp.to(tl.int32, bitcast=True) & (A - 1)) * 8 + 2 * t4 + e
+    return _row_top2(bq, _minnan(sp, sq), pos, EXACT_DOT)
 
 
 @triton.jit
@@ -425,8 +531,8 @@ def _assign_tc_kernel(
     bias_ptr,  # [M·P, 2·NG·KG] fp32 scratch: each program's two bias rows (written in its prologue)
     flag_ptr,  # [M, P·tiles_per_prog·BLOCK_N] int32 scratch: each program's flagged rows
     nflag_ptr,  # [M·P] int32 scratch: each program's flagged-row count
-    tile_ptr,  # [M·P, 2, 2, BLOCK_N] int32/fp32 scratch: each program's per-row verdicts (double-buffered)
-    tab_ptr,  # [32] int32 = 0, 1, …, 31 (the packed-key positions)
+    tile_ptr,  # [M·P, 4·BLOCK_N + 32] int32/fp32 scratch: each program's per-row verdicts (double-buffered), 0…31
+    cbs_ptr,  # STREAM: [M·P, 2, NG·KG, BLOCK_D] bf16 scratch: each program's tensor-core codebook pieces
     N,
     M,
     K,
@@ -445,6 +551,8 @@ def _assign_tc_kernel(
     SPLIT: tl.constexpr,  # float32 inputs: three bf16 products of split pieces; else one native product
     L2: tl.constexpr,
     BLOCK_F: tl.constexpr,  # rows per FMA recheck tile
+    BIAS_MMA: tl.constexpr,  # l2: ||c||² added by the tensor cores (else by an fp32 add per distance)
+    STREAM: tl.constexpr,  # the codebook pieces stream from cbs_ptr (L2) per group instead of staying resident
     EXACT_DOT: tl.constexpr,  # interpreter only (see _mm, _split, _pack)
 ):
     A: tl.constexpr = KG // 8
@@ -457,6 +565,10 @@ def _assign_tc_kernel(
     kk = tl.arange(0, KG)
     bias_row = bias_ptr + prog * (2 * NG * KG)  # the keys' bias (invalid: 2^127) ...
     fma_bias = bias_row + NG * KG  # ... and the FMA recheck's (invalid: +inf; valid ||c||² may exceed 2^127)
+    cbs_hi = cbs_ptr + prog * (2 * NG * KG * BLOCK_D)  # STREAM: this program's pieces of −2c (or −c) ...
+    cbs_lo = cbs_hi + NG * KG * BLOCK_D  # ... and (SPLIT) their low parts
+    # A streamed bias operand would move 8× the bytes of the bias row (the L2 traffic sets the pace there).
+    tl.static_assert(not (STREAM and BIAS_MMA), "the streamed codebook adds the bias in fp32")
 
     # ---- prologue: the subspace's codebook, once per program ---------------------------------------
     # Invalid (non-finite ||c||²) and padded (k ≥ K) codewords become zero vectors; l2 also gives them
@@ -466,6 +578,8 @@ def _assign_tc_kernel(
     cmax2 = 0.0
     cts = ()
     ctl = ()
+    bts = ()
+    r16 = tl.arange(0, 16)[:, None]
     for g in tl.static_range(NG):
         ks = g * KG + kk
         km = ks < K
@@ -473,30 +587,50 @@ def _assign_tc_kernel(
         cf = c.to(tl.float32)
         c_sq = tl.sum(cf * cf, axis=1)
         c_ok = km & (c_sq < _INF)  # c_sq ≥ 0 or NaN: NaN and +inf fail
-        # The bias row: ||c||² (l2) or 0 (dot) for valid codewords; invalid and padded ones get 2^127 (finite, so
+        # The keys' bias: ||c||² (l2) or 0 (dot) for valid codewords; invalid and padded ones get 2^127 (finite, so
         # that their packed l2 keys stay finite and above the never-final limit; the FMA recheck has its own row, fma_bias, with +inf).
-        tl.store(bias_row + ks, tl.where(c_ok, c_sq if L2 else 0.0, _INVALID_BIAS))
+        bias = tl.where(c_ok, c_sq if L2 else 0.0, _INVALID_BIAS)
+        tl.store(bias_row + ks, bias)
         tl.store(fma_bias + ks, tl.where(c_ok, c_sq if L2 else 0.0, _INF))
         cmax2 = tl.maximum(cmax2, tl.max(tl.where(c_ok, c_sq, 0.0), axis=0))
         cf = tl.where(c_ok[:, None], cf, 0.0)
         if SPLIT:
             ch, cl = _split(-2.0 * cf, EXACT_DOT)  # −2c is exact; d = ||c||² + x·(−2c)
+        else:
+            # −2c (l2) and −c (dot) are exact in bf16 (a valid codeword has |c_d| < 2^64: no overflow)
+            ch = (cf * (-2.0 if L2 else -1.0)).to(c.dtype)
+            cl = ch  # unused second piece
+        if STREAM:  # kept in this program's scratch (an L2-resident copy), loaded per group and row tile
+            tl.store(cbs_hi + (ks[:, None] * BLOCK_D + d[None, :]), ch.to(tl.bfloat16))
+            if SPLIT:
+                tl.store(cbs_lo + (ks[:, None] * BLOCK_D + d[None, :]), cl.to(tl.bfloat16))
+        else:  # loop-invariant dot operands: resident in shared memory for the whole program
             cts = cts + (tl.trans(ch),)
             ctl = ctl + (tl.trans(cl),)
+        if L2 and BIAS_MMA:  # the bias as the B operand of one more product: its three bf16 pieces in rows 0-2
+            b0, b1_, b2_ = _split3(bias, EXACT_DOT)
+            bts = bts + (tl.where(r16 == 0, b0[None, :], tl.where(r16 == 1, b1_[None, :], tl.where(r16 == 2, b2_[None, :], 0.0))).to(tl.bfloat16),)
         else:
-            cts = cts + (tl.trans((-cf).to(c.dtype)),)  # −c is exact in bf16; d = ||c||² + 2 x·(−c)
-            ctl = cts  # unused second piece
+            bts = bts + (0,)  # unused
+    # The A operand that multiplies the bias pieces: ones in columns 0-2 of every row.
+    one = tl.where(tl.arange(0, 16)[None, :] < 3, 1.0, 0.0) + tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    one = one.to(tl.bfloat16)
     cmax = tl.sqrt(cmax2)
     # A row is final when second − best > 2E·(1 + 2⁻¹⁰) + 2⁻¹⁰⁰·(||x|| + max||c||), E = gap_a·||x||·max||c|| +
     # gap_b·max||c||² (_gap_bound): per row that is thr_a·||x|| + thr_b.
     thr_a = 2.0 * (1.0 + 2.0**-10) * gap_a * cmax + 2.0**-100
     thr_b = 2.0 * (1.0 + 2.0**-10) * gap_b * cmax2 + 2.0**-100 * cmax
     tl.store(nflag_ptr + prog, 0)
+    pos_tab = tile_ptr + prog * (4 * BLOCK_N + 32) + 4 * BLOCK_N  # 0, 1, …, 31 (read back below)
+    tl.store(pos_tab + tl.arange(0, 32), tl.arange(0, 32))
     tl.debug_barrier()  # the bias row and the counter are visible to every thread of the program
 
     nn = tl.arange(0, BLOCK_N)
-    aa = tl.load(tab_ptr + tl.arange(0, A))  # 0 … A−1 in ordinary registers (see _pack)
     j8 = tl.arange(0, 8)
+    # Packing constants read back from memory, so that they stay in ordinary registers (see _pack)
+    aa = tl.load(pos_tab + tl.arange(0, A))  # 0 … A−1
+    gzero = tl.load(pos_tab + j8 * 0)[None, :]  # 0, + g in STREAM: the packed group index
+    gmask = gzero - NG  # −NG (see _pack_const)
     n_rows_cap = tiles_per_prog * BLOCK_N
     flag_list = flag_ptr + m * (P * n_rows_cap) + pid * n_rows_cap
     t_begin = pid * tiles_per_prog
@@ -516,24 +650,49 @@ def _assign_tc_kernel(
         xa = xt.to(tl.float32)
         x_sq = tl.sum(xa * xa, axis=1)
         if SPLIT:
-            xh, xl = _split(xa, EXACT_DOT)
+            xh, xl = _split_trunc(xa, EXACT_DOT)  # x: the high piece truncated (fewer instructions per tile)
         else:
             xh, xl = xt, xt
+        # Top-2 over the row's K distances from two partitions of them: P by (a, thread), Q by (group, j)
+        # (:func:`_two_partition_top2`). Per distance: one min into P (elementwise over the groups) and
+        # 7/8 of a min into Q (over a, thread-local), instead of a running top-2's three min/max and a pack.
         # Group 0 always exists; the state takes its register layout (zero-initialised loop state would
         # be placed in a default layout and converted through shared memory at every merge).
-        b1, b2 = _group_keys(xt, xh, xl, cts[0], ctl[0], bias_row, kk, aa, BLOCK_N, KG, SPLIT, L2, EXACT_DOT)
-        # 0 (1 only where b1 is NaN, a row that is flagged anyway), computed from b1 so that it takes b1's
-        # layout: a zero constant would be placed in a default layout and drag the state into it.
-        gi = (b1 != b1).to(tl.int32)
-        for g in tl.static_range(1, NG):
-            # The runtime guard also ends a basic block per group, which keeps ptxas from hoisting every
-            # group's MMAs above the first epilogue (one live accumulator instead of NG).
-            if g < n_groups:
-                g1, g2 = _group_keys(xt, xh, xl, cts[g], ctl[g], bias_row + g * KG, kk, aa, BLOCK_N, KG, SPLIT, L2, EXACT_DOT)
-                gi = tl.where(g1 < b1, g, gi)
-                b1, b2 = _top2(b1, b2, g1, g2)
-        pos = j8[None, :] + gi * KG + (b1.to(tl.int32, bitcast=True) & (A - 1)) * 8
-        v1, v2, k1 = _row_top2(b1, b2, pos, EXACT_DOT)
+        if STREAM:
+            k3 = _group_dist(xh, xl, _streamed(cbs_hi, 0, kk, d, KG, BLOCK_D), _streamed(cbs_lo, 0, kk, d, KG, BLOCK_D),
+                             one, 0, bias_row, kk, BLOCK_N, KG, SPLIT, L2, BIAS_MMA, EXACT_DOT)
+        else:
+            k3 = _group_dist(xh, xl, cts[0], ctl[0], one, bts[0], bias_row, kk, BLOCK_N, KG, SPLIT, L2, BIAS_MMA, EXACT_DOT)
+        pg = _pair_min(k3)
+        q1 = _pack_const(_min_axis1(k3, EXACT_DOT), 0, gmask, NG, EXACT_DOT)
+        if STREAM:
+            q2 = q1 + _INF  # +inf in q1's layout (NaN or −inf: NaN, a row that is flagged anyway)
+            for gr in range(1, n_groups):  # runtime loop: the pipeliner prefetches the next group's pieces
+                k3 = _group_dist(xh, xl, _streamed(cbs_hi, gr, kk, d, KG, BLOCK_D), _streamed(cbs_lo, gr, kk, d, KG, BLOCK_D),
+                                 one, 0, bias_row + gr * KG, kk, BLOCK_N, KG, SPLIT, L2, BIAS_MMA, EXACT_DOT)
+                pg = _minnan(pg, _pair_min(k3))
+                qg = _pack(_min_axis1(k3, EXACT_DOT), gzero + gr, NG, EXACT_DOT)
+                hi = tl.maximum(q1, qg, propagate_nan=tl.PropagateNan.ALL)
+                q1 = _minnan(q1, qg)
+                q2 = _minnan(q2, hi)
+        else:
+            for g in tl.static_range(1, NG):
+                # The runtime guard also ends a basic block per group, which keeps ptxas from hoisting every
+                # group's MMAs above the first epilogue (one live accumulator instead of NG).
+                if g < n_groups:
+                    k3 = _group_dist(xh, xl, cts[g], ctl[g], one, bts[g], bias_row + g * KG, kk, BLOCK_N, KG, SPLIT, L2,
+                                     BIAS_MMA, EXACT_DOT)
+                    pg = _minnan(pg, _pair_min(k3))
+                    qg = _pack_const(_min_axis1(k3, EXACT_DOT), g, gmask, NG, EXACT_DOT)
+                    hi = tl.maximum(q1, qg, propagate_nan=tl.PropagateNan.ALL)
+                    q1 = _minnan(q1, qg)
+                    if g == 1:
+                        q2 = hi
+                    else:
+                        q2 = _minnan(q2, hi)
+                elif g == 1:  # one group (K ≤ KG): no second best from Q
+                    q2 = q1 + _INF  # +inf in q1's layout (NaN or −inf: NaN, a row that is flagged anyway)
+        v1, v2, k1 = _two_partition_top2(pg, q1, q2, aa, A, NG, KG, EXACT_DOT)
         row_ok = rmask & (x_sq < _INF)
         gap_ok = (v2 - v1 > thr_a * tl.sqrt(x_sq) + thr_b) | (keep_tc != 0)
         clear = row_ok & gap_ok & (tl.abs(v1) < _BIG_KEY) & (k1 < K)  # NaN anywhere → False
@@ -545,7 +704,7 @@ def _assign_tc_kernel(
         # memory round trip is the one boundary the layout optimiser does not cross. Without it, it
         # re-materialises the row reduction (and every group's state feeding it) in the layouts of the
         # gathers below: one shared-memory conversion per group, the reduction duplicated per consumer.
-        slot_buf = tile_ptr + prog * (4 * BLOCK_N) + (t % 2) * (2 * BLOCK_N)  # double-buffered: one barrier
+        slot_buf = tile_ptr + prog * (4 * BLOCK_N + 32) + (t % 2) * (2 * BLOCK_N)  # double-buffered: one barrier
         tl.store(slot_buf + nn, tl.where(clear, k1, tl.where(row_ok, -1, -2)))
         if L2:
             tl.store(slot_buf + BLOCK_N + nn, x_sq.to(tl.int32, bitcast=True))
@@ -685,37 +844,45 @@ def _gap_bound(cfg: AssignConfig) -> tuple[float, float]:
     fp32 evaluation, plus 2⁻¹⁰⁰·(‖x‖ + c_max) for bfloat16 underflow). Then for every other codeword
     ``D_k ≥ key_k − E ≥ second − E > best + E ≥ D_winner``: the winner is the exact argmin.
 
-    Units: with float32 ("split") the keys approximate ``D = [l2]‖c‖² − 2 x·c``; with bfloat16 the keys
-    approximate ``[l2]‖c‖² − 2 x·c`` (l2) or ``−x·c`` (dot). Write ``B = Σ_d |x_d c_d| ≤ ‖x‖·‖c‖``
-    (Cauchy–Schwarz), ``u = 2⁻²⁴`` (fp32), ``p = log2 A`` packed bits, ``n`` product terms.
+    Units: the keys approximate ``D = [l2]‖c‖² − 2 x·c`` (float32 "split", and bfloat16 l2) or ``−x·c``
+    (bfloat16 dot). Write ``B = Σ_d |x_d·2c_d| ≤ 2‖x‖·‖c‖`` (Cauchy–Schwarz), ``u = 2⁻²⁴`` (fp32), ``p``
+    packed bits, ``n`` terms in the tensor-core sum.
 
-    * Split representation (float32): ``v = hi + lo + r`` with hi = RN_bf16(v), lo = RN_bf16(v − hi),
-      ``|v − hi| ≤ 2⁻⁸|v|`` and ``|r| ≤ 2⁻⁸|v − hi| ≤ 2⁻¹⁶|v|`` (bf16 has 8 significant bits; inputs
-      rounded to tf32 would have 2⁻¹¹, to bf16 2⁻⁸). With c scaled by the exact −2, ``x·(−2c)`` minus
-      the three computed products ``xh·ch + xh·cl + xl·ch`` is ``Σ_d [xl·cl + (xh+xl)·rc + rx·(ch+cl) +
-      rx·rc]``, each term ≤ 2⁻¹⁶(1 + 2⁻⁷)|x_d||2c_d|: in all ≤ 3.02·2⁻¹⁶·2B.
-    * Tensor-core accumulation: the products of bf16 pieces are exact in fp32 and are summed in fp32
-      with, at worst, one truncation per term (relative error ≤ 2⁻²³ = 2u; tensor cores may truncate
-      instead of rounding): ≤ (n + 2)·2⁻²³·Σ|products|, with ``n = 3·BLOCK_D`` and Σ|products| ≤
-      1.02·2B (split) or ``n = BLOCK_D`` and Σ = B (bf16).
-    * l2 bias: ``fl(‖c‖²)`` is within (Ds + 1)u·‖c‖², the add one rounding u·|d|; the packed key moves
-      ``d`` by < 2^(p−23)·|d|; ``|d| ≤ [l2]c_max² + 2.0001·‖x‖·c_max``.
+    * Split representation (float32): ``v = hi + lo + r`` with lo = RN_bf16(v − hi) and hi = RN_bf16(v)
+      for c (``|v − hi| ≤ 2⁻⁸|v|``), hi = v truncated to bf16 for x (``|v − hi| < 2⁻⁷|v|``,
+      :func:`_split_trunc`); ``|r| ≤ 2⁻⁹|v − hi| ≤ 2⁻¹⁶|v|`` either way (bf16 has 8 significant bits).
+      With c scaled by the exact −2, ``x·(−2c)`` minus the three computed products ``xh·ch + xh·cl +
+      xl·ch`` is ``Σ_d [xl·cl + (xh+xl)·rc + rx·(ch+cl) + rx·rc]``: ``|xl·cl| ≤ 2⁻¹⁵(1 + 2⁻⁸)|x_d||2c_d|``,
+      the others ≤ 2⁻¹⁶(1 + 2⁻⁷)|x_d||2c_d|: in all ≤ 4.02·2⁻¹⁶·B. bfloat16 products are exact.
+    * ``fl(‖c‖²)`` is within (Ds + 1)u·‖c‖². With ``bias_mma`` the l2 bias enters the same sum as three more
+      terms (bias pieces × 1, :func:`_split3`), within 2⁻²⁵ of it, their magnitudes summing to ≤ 1.011·c_max²;
+      otherwise it is added in fp32 (one rounding, u·|d|).
+    * Tensor-core accumulation: products of bf16 pieces are exact in fp32 and are summed in fp32 with, at
+      worst, one truncation per term (relative error ≤ 2⁻²³ = 2u; tensor cores may truncate instead of
+      rounding): ≤ (n + 2)·2⁻²³·Σ|terms|, with Σ|terms| ≤ 1.02·B (split) or B (bf16), plus 1.011·c_max²
+      (``bias_mma``); ``n = 3·BLOCK_D`` (split) or ``BLOCK_D`` (bf16), + 3 with ``bias_mma``.
+    * A packed key moves ``d`` by < 2^(p−23)·|d| (p: the larger of P's log2 A and Q's log2 NG bits),
+      ``|d| ≤ [l2]1.011·c_max² + 2.0001·‖x‖·c_max``.
 
     Collecting the coefficients of ``‖x‖·c_max`` and ``c_max²`` gives the two numbers returned.
     """
-    p = int(math.log2(cfg.BLOCK_K // 8))
+    p = max(int(math.log2(cfg.BLOCK_K // 8)), int(math.log2(cfg.NG)))  # P packs a, Q the group index
     pack = 2.0 ** (p - 23)
     u = 2.0**-24
     l2 = cfg.metric == "l2"
-    if cfg.precision == "exact":  # float32, split into bf16 pieces; keys ≈ [l2]||c||² − 2 x·c
-        n = 3 * cfg.BLOCK_D
-        per_b = 3.02 * 2.0**-16 + 1.02 * (n + 2) * 2.0**-23  # per unit of B_2 = Σ|x||2c| ≤ 2||x|| c_max
-        a = 2.0 * per_b + 2.0001 * (u + pack)
-    else:  # bfloat16 products are exact; keys ≈ [l2]||c||² − 2 x·c (l2) or −x·c (dot)
-        n = cfg.BLOCK_D
-        per_b = (n + 2) * 2.0**-23
-        a = (2.0 * per_b + 2.0001 * (u + pack)) if l2 else (per_b + 1.0001 * (u + pack))
-    b = ((cfg.BLOCK_D + 2) * u + u + pack) if l2 else 0.0
+    split = cfg.precision == "exact"
+    fold = l2 and cfg.bias_mma  # the bias enters the tensor-core sum; else one fp32 add (rounding u·|d|)
+    n = (3 if split else 1) * cfg.BLOCK_D + (3 if fold else 0)
+    acc = (n + 2) * 2.0**-23
+    add = 0.0 if fold or not l2 else u
+    if split or l2:  # keys ≈ [l2]||c||² − 2 x·c; per unit of B = Σ|x||2c| ≤ 2||x|| c_max
+        per_b = (4.02 * 2.0**-16 + 1.02 * acc) if split else acc
+        a = 2.0 * per_b + 2.0001 * (pack + add)
+    else:  # bfloat16 dot: keys ≈ −x·c, exact products
+        a = acc + 1.0001 * (u + pack)
+    b = 0.0
+    if l2:
+        b = (cfg.BLOCK_D + 2) * u + (2.0**-25 + 1.011 * acc if fold else u) + 1.011 * pack
     return a, b
 
 
@@ -728,7 +895,9 @@ class AssignConfig:
     bfloat16 pieces, flagged rows rechecked in FMA) or ``"native"`` (bfloat16 products); ``NG`` groups
     of ``KG`` codewords are the most it holds (K ≤ NG·KG); ``metric`` is a constexpr. ``kernel="generic"``:
     streaming kernel, ``precision`` ∈ ieee | tf32x3 | tf32 (float32) or native (float16/bfloat16), metric
-    at run time (``metric=None``). ``fused`` is a run-time flag of both kernels, not a variant.
+    at run time (``metric=None``). ``fused`` is a run-time flag of both kernels, not a variant. ``arch``:
+    the compute capability whose launches pick it (0: every one), the only one it is compiled for;
+    ``per_sm``: resident programs per SM the launcher sizes the grid for.
     """
 
     kernel: str
@@ -742,13 +911,19 @@ class AssignConfig:
     BLOCK_N: int
     BLOCK_K: int  # tc: KG (codewords per group); generic: codewords per streamed chunk
     NG: int = 0
+    arch: int = 0
+    per_sm: int = 4
+    bias_mma: bool = True
+    stream: bool = False
 
     def describe(self) -> str:
         if self.kernel == "tc":
             return (
                 f"assign_tc[{C.TRITON_TYPE[self.dtype]},{self.precision},{self.metric}] BLOCK_N={self.BLOCK_N} "
                 f"KG={self.BLOCK_K} NG={self.NG} (K<={self.BLOCK_K * self.NG}) BLOCK_D={self.BLOCK_D} "
-                f"warps={self.num_warps} stages={self.num_stages}"
+                f"warps={self.num_warps} stages={self.num_stages}" + ("" if self.bias_mma else " bias=add")
+                + (" stream" if self.stream else "")
+                + (f" sm_{self.arch}" if self.arch else "")
             )
         return (
             f"assign_generic[{C.TRITON_TYPE[self.dtype]},{self.precision}] BLOCK_N={self.BLOCK_N} BLOCK_K={self.BLOCK_K} "
@@ -756,21 +931,46 @@ class AssignConfig:
         )
 
 
-# Tensor-core kernel: 64-codeword groups, at most 4 (K ≤ 256) or 16 (K ≤ 1024). Ds ≤ 32 (BLOCK_D = 32).
-# (KG, NG, num_warps, BLOCK_N) per precision, every class compiled for sm_90 and sm_80 (the AOT test).
-# bfloat16 ("native"): 4 warps = one warpgroup per 64-row tile for K ≤ 256 (two programs per SM); for
-# K ≤ 1024 one program per SM, so 8 warps = two warpgroups that overlap each other's products and epilogues.
-# float32 ("exact", three split products): 32-row tiles over 8 warps, the only shape among those tried
-# (scripts/triton_resources.py) that compiles without register spills for both classes on both
-# architectures. Wider tiles spill: (BLOCK_N, warps) = (64, 4) 96-112 B on sm_80 for K ≤ 256 (and (32, 4)
-# 8 B on sm_90); for K ≤ 1024 (128, 8) 152 B on sm_90 and 2.3 KB on sm_80, (64, 8) 56 B / 2.2 KB, (64, 4)
-# 176 B on sm_90 (on sm_80 each warp holds its share of every group's split codebook as mma.sync operands
-# in registers; more warps across the codewords shrink that share). 32 rows per 8 warps is below one
-# wgmma's 64 rows per warpgroup: mma.sync on sm_90 as well.
-TC_CLASSES = {
-    "native": ((64, 4, 4, 64), (64, 16, 8, 128)),
-    "exact": ((64, 4, 8, 32), (64, 16, 8, 32)),
+class TCClass(NamedTuple):
+    """One size class of the tensor-core kernel: ``NG`` groups of ``KG`` codewords (K ≤ KG·NG)."""
+
+    KG: int
+    NG: int
+    num_warps: int
+    BLOCK_N: int
+    num_stages: int
+    per_sm: int  # resident programs per SM the grid is sized for (registers/shared memory of the compile)
+    bias_mma: bool = True  # l2: ||c||² added on the tensor cores (else one fp32 add per distance)
+    stream: bool = False  # the codebook pieces stream from an L2-resident scratch per group (else resident)
+
+
+# Per precision and architecture (compute capability 90 or 80; others use the nearest below, at least 80),
+# the classes from small to large K. Each is compiled for its architecture without register spills
+# (scripts/triton_resources.py); the per-SM counts follow from the registers and shared memory of the compile.
+# Resident classes keep the split codebook in shared memory for the whole program; streamed ones
+# (``stream``) load each group's pieces per row tile from an L2-resident per-program copy (software
+# pipelined), which costs L2 bandwidth but neither registers nor shared memory per group.
+# sm_90: a 64-row tile per warpgroup (4 warps) — one wgmma per product, the accumulator's columns all in one
+# warp, so every reduction over a row is thread-local plus a quad. fp32 K ≤ 256 resident with one
+# pipelining stage (192 registers, two programs per SM; two stages take 255 and spill); K ≤ 1024 streamed
+# (resident, the 48 shared-memory descriptors of 16 groups × 3 operands live in registers and 64- and
+# 128-row tiles spill 104-112 B), 256 rows over two warpgroups sharing each streamed group (128 rows
+# move twice the codebook bytes per row through L2, which then sets the pace).
+# sm_80 (mma.sync) holds a resident codebook's operands in registers: fp32 64-row resident tiles spill
+# (96-184 B) there, so fp32 streams (128 rows over 8 warps, one stage: two spill 8 B); bfloat16 (one
+# product) fits resident.
+TC_CLASSES: dict[str, dict[int, tuple[TCClass, ...]]] = {
+    "native": {
+        90: (TCClass(64, 4, 4, 64, 2, 2), TCClass(64, 16, 8, 128, 2, 1)),
+        80: (TCClass(64, 4, 4, 64, 2, 2), TCClass(64, 16, 8, 128, 2, 1)),
+    },
+    "exact": {
+        90: (TCClass(64, 4, 4, 64, 1, 2), TCClass(64, 16, 8, 256, 3, 1, bias_mma=False, stream=True)),
+        80: (TCClass(64, 4, 8, 128, 1, 1, bias_mma=False, stream=True), TCClass(64, 16, 8, 128, 1, 1, bias_mma=False, stream=True)),
+    },
 }
+TC_ARCHS = (90, 80)
+_TC_MAX_BLOCK_N = max(c.BLOCK_N for table in TC_CLASSES.values() for classes in table.values() for c in classes)
 TC_MAX_DS = 32
 TC_BLOCK_F = 32
 _TC_DTYPES = ((torch.float32, "exact"), (torch.bfloat16, "native"))
@@ -790,36 +990,55 @@ def _generic_launch(dtype: torch.dtype, d_loop: bool) -> tuple[int, int, int, in
     Ds chunks keep every variant within the registers of sm_80 and sm_90 (4 warps or 64 codewords spilled)."""
     return 8, (1 if d_loop else 2), 64, 32
 
-CONFIGS: tuple[AssignConfig, ...] = tuple(
-    AssignConfig("tc", dtype, prec, metric, TC_MAX_DS, False, warps, 2, bn, kg, ng)
+def _tc_config(dtype: torch.dtype, precision: str, metric: str, c: TCClass, arch: int) -> AssignConfig:
+    return AssignConfig("tc", dtype, precision, metric, TC_MAX_DS, False, c.num_warps, c.num_stages, c.BLOCK_N, c.KG,
+                        c.NG, arch, c.per_sm, c.bias_mma, c.stream)
+
+
+def _tc_arch(prec: str, c: TCClass, arch: int) -> int:
+    """``arch``, or 0 where every architecture's table has this class (one config compiled for all)."""
+    return 0 if all(c in TC_CLASSES[prec][a] for a in TC_ARCHS) else arch
+
+
+def _table_arch(arch: int) -> int:
+    """The class table a compute capability uses: the nearest listed one at or below it (at least 80)."""
+    return max([a for a in TC_ARCHS if a <= arch] or [min(TC_ARCHS)])
+
+
+CONFIGS: tuple[AssignConfig, ...] = tuple(dict.fromkeys(
+    _tc_config(dtype, prec, metric, c, _tc_arch(prec, c, arch))
     for (dtype, prec) in _TC_DTYPES
-    for (kg, ng, warps, bn), metric in itertools.product(TC_CLASSES[prec], ("l2", "dot"))
-) + tuple(
+    for arch in TC_ARCHS
+    for c, metric in itertools.product(TC_CLASSES[prec][arch], ("l2", "dot"))
+)) + tuple(
     AssignConfig("generic", dtype, prec, None, bd, loop, *_generic_launch(dtype, loop))
     for (dtype, prec), (bd, loop) in itertools.product(_generic_dtype_precisions(), _GENERIC_D)
 )
 
 
 def pick_config(
-    dtype: torch.dtype, Ds: int, precision: str, fused: bool = False, K: int | None = None, metric: str = "l2"
+    dtype: torch.dtype, Ds: int, precision: str, fused: bool = False, K: int | None = None, metric: str = "l2",
+    arch: int = 90,
 ) -> AssignConfig:
-    """The configuration the launcher uses (always a member of :data:`CONFIGS`).
+    """The configuration the launcher uses on a GPU of compute capability ``arch`` (always a member of
+    :data:`CONFIGS`).
 
     ``fused`` does not change the variant (it is a run-time flag); it stays in the signature for callers
     that describe both ops. ``K=None`` means a K that fits the smaller tensor-core class (K ≤ 256).
     """
     K = 256 if K is None else K
     tc_precision = {torch.float32: "exact", torch.bfloat16: "native"}.get(dtype)
+    classes = TC_CLASSES[tc_precision][_table_arch(arch)] if tc_precision else ()
     use_tc = (
         tc_precision is not None
         and (dtype != torch.float32 or precision == "exact")
         and Ds <= TC_MAX_DS
         and Ds % 4 == 0  # 16-byte rows: vector loads without knowing Ds (kernels' _al)
-        and K <= TC_CLASSES[tc_precision][-1][0] * TC_CLASSES[tc_precision][-1][1]
+        and K <= classes[-1].KG * classes[-1].NG
     )
     if use_tc:
-        kg, ng, warps, bn = next(c for c in TC_CLASSES[tc_precision] if K <= c[0] * c[1])
-        return AssignConfig("tc", dtype, tc_precision, metric, TC_MAX_DS, False, warps, 2, bn, kg, ng)
+        c = next(c for c in classes if K <= c.KG * c.NG)
+        return _tc_config(dtype, tc_precision, metric, c, _tc_arch(tc_precision, c, _table_arch(arch)))
     if dtype == torch.float32:
         prec = "ieee" if precision == "exact" else precision  # exact = fp32 FMA where the tc kernel does not fit
     else:
@@ -835,7 +1054,7 @@ def _signature_types(cfg: AssignConfig) -> dict[str, str]:
         "err_ptr": "fp32", "counts_ptr": "fp32", "sums_ptr": "fp32", "bias_ptr": "fp32",
     }
     if cfg.kernel == "tc":
-        ptrs.update({"flag_ptr": "i32", "nflag_ptr": "i32", "tile_ptr": "i32", "tab_ptr": "i32"})
+        ptrs.update({"flag_ptr": "i32", "nflag_ptr": "i32", "tile_ptr": "i32", "cbs_ptr": "bf16"})
     return ptrs
 
 
@@ -866,6 +1085,8 @@ def _constexprs(cfg: AssignConfig, interpreted: bool) -> dict:
             "SPLIT": cfg.precision == "exact",
             "L2": cfg.metric == "l2",
             "BLOCK_F": TC_BLOCK_F,
+            "BIAS_MMA": cfg.bias_mma,
+            "STREAM": cfg.stream,
             "EXACT_DOT": interpreted,
         }
     return {
@@ -880,24 +1101,11 @@ def _constexprs(cfg: AssignConfig, interpreted: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- launchers
-# Resident programs per SM each class is sized for (registers / shared memory of the sm_90 compile,
-# scripts/triton_resources.py: bf16 tc4 4 warps → 2 per SM, tc16 one per SM; fp32
-# (tc4x, tc16x) 229-255 registers × 256 threads → one per SM); the grid has
-# at most SMs × this many programs (one wave of persistent programs), split evenly over the subspaces.
-_PROGRAMS_PER_SM = {"tc4": 2, "tc16": 1, "tc4x": 1, "tc16x": 1, "generic": 4}
-
-
-@functools.cache
-def _position_table(device: torch.device) -> torch.Tensor:
-    return torch.arange(32, dtype=torch.int32, device=device)
-
-
 def _grid(cfg: AssignConfig, N: int, M: int, device: torch.device) -> tuple[int, int]:
     """``(programs per subspace, row tiles per program)``: at most ``SMs × resident programs`` in all (rounded
     down: one more program per subspace than fits would start a second, mostly idle wave), at least M."""
     tiles = triton.cdiv(N, cfg.BLOCK_N)
-    key = f"tc{cfg.NG}{'x' if cfg.precision == 'exact' else ''}" if cfg.kernel == "tc" else "generic"
-    target = C.sm_count(device) * _PROGRAMS_PER_SM[key]
+    target = C.sm_count(device) * cfg.per_sm
     per_m = max(1, min(tiles, target // M))
     C.check_grid_dim(per_m, 2**31 - 1, "programs per subspace (grid axis 0)")
     tpp = triton.cdiv(tiles, per_m)
@@ -912,11 +1120,11 @@ def _launch(x, codebooks, metric, precision, codebooks_out=None, stats_x=None, s
     N, M, Ds = x.shape
     K = codebooks.shape[1]
     C.check_grid_dim(M, 65535, "M (subspaces, grid axis 1)")
-    if 128 * M * Ds >= 2**31:  # the tensor-core kernel's int32 offsets inside a row tile
-        raise ValueError(f"equss.kernels: M·Ds = {M * Ds} is too large (at most {2**31 // 128 - 1})")
+    if _TC_MAX_BLOCK_N * M * Ds >= 2**31:  # the tensor-core kernel's int32 offsets inside a row tile
+        raise ValueError(f"equss.kernels: M·Ds = {M * Ds} is too large (at most {2**31 // _TC_MAX_BLOCK_N - 1})")
     fused = codebooks_out is not None
-    cfg = pick_config(x.dtype, Ds, precision, fused, K=K, metric=metric)
     dev = x.device
+    cfg = pick_config(x.dtype, Ds, precision, fused, K=K, metric=metric, arch=C.device_arch(dev))
     codes = torch.empty(N, M, dtype=torch.int32, device=dev)
     min_dist = torch.empty(N, M, dtype=torch.float32, device=dev)
     if fused:
@@ -936,11 +1144,13 @@ def _launch(x, codebooks, metric, precision, codebooks_out=None, stats_x=None, s
         bias = torch.empty(M * per_m, 2 * cfg.NG * cfg.BLOCK_K, dtype=torch.float32, device=dev)
         flags = torch.empty(M * per_m * tpp * cfg.BLOCK_N, dtype=torch.int32, device=dev)
         nflag = torch.empty(M * per_m, dtype=torch.int32, device=dev)
-        tile = torch.empty(M * per_m, 4 * cfg.BLOCK_N, dtype=torch.int32, device=dev)
+        tile = torch.empty(M * per_m, 4 * cfg.BLOCK_N + 32, dtype=torch.int32, device=dev)
+        cbs_shape = (M * per_m, 2, cfg.NG * cfg.BLOCK_K, cfg.BLOCK_D) if cfg.stream else (1,)
+        cbs = torch.empty(cbs_shape, dtype=torch.bfloat16, device=dev)
         gap_a, gap_b = _gap_bound(cfg)
         keep_tc = 1 if (_debug or {}).get("recheck", True) is False else 0
         _assign_tc_kernel[grid](
-            *common, bias, flags, nflag, tile, _position_table(dev),
+            *common, bias, flags, nflag, tile, cbs,
             N, M, K, Ds, tpp, triton.cdiv(K, cfg.BLOCK_K), int(fused), stats, keep_tc, gap_a, gap_b,
             **_constexprs(cfg, interpreted), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )

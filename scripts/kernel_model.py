@@ -1511,18 +1511,28 @@ def run_model(shapes: list[Shape] | None = None, gpus: tuple[str, ...] = ("H100"
         for shape in shapes:
             for label in spec.dtypes:
                 dtype, prec = split_dtype(label)
-                old = os.environ.get(C.PRECISION_ENV)
-                if label.startswith("fp32-"):
-                    os.environ[C.PRECISION_ENV] = prec
-                try:
-                    with capture(GPUS[gpus[0]]) as (launches, torch_ops):
-                        op_args = spec.make(shape, dtype, fake_tensor)
-                        op_out = launcher(*op_args)
-                finally:
-                    if old is None:
-                        os.environ.pop(C.PRECISION_ENV, None)
-                    else:
-                        os.environ[C.PRECISION_ENV] = old
+                # One capture per architecture, on its first GPU: the launchers pick configurations by
+                # compute capability and size grids by SM count.
+                captured = {}
+                for arch in archs:
+                    gpu_a = next(g for g in gpus if GPUS[g].arch == arch)
+                    old = os.environ.get(C.PRECISION_ENV)
+                    if label.startswith("fp32-"):
+                        os.environ[C.PRECISION_ENV] = prec
+                    try:
+                        with capture(GPUS[gpu_a]) as (launches, torch_ops):
+                            op_args = spec.make(shape, dtype, fake_tensor)
+                            op_out = launcher(*op_args)
+                    finally:
+                        if old is None:
+                            os.environ.pop(C.PRECISION_ENV, None)
+                        else:
+                            os.environ[C.PRECISION_ENV] = old
+                    captured[arch] = (launches, torch_ops, op_args, op_out)
+                primary = GPUS[gpus[0]].arch
+                launches, _, op_args, op_out = captured[primary]
+                if len({len(c[0]) for c in captured.values()}) != 1:
+                    raise RuntimeError(f"{spec.name}@{shape.name}/{label}: the launch count differs between architectures")
                 op_total = {g: 0.0 for g in gpus}
                 written: dict[int, object] = {}
                 for li, launch in enumerate(launches):
@@ -1538,12 +1548,17 @@ def run_model(shapes: list[Shape] | None = None, gpus: tuple[str, ...] = ("H100"
                     flops = spec.flops(shape) if li == 0 else 0.0
                     row["useful_flops"] = flops
                     for arch in archs:
+                        launch_a = captured[arch][0][li]
+                        config_a = launch_config(launch_a)
+                        used_configs.add(config_a)
                         log(f"  {row['key']} sm_{arch}")
-                        comp = compile_launch(launch, arch)
-                        a = analyse(launch, comp)
+                        comp = compile_launch(launch_a, arch)
+                        a = analyse(launch_a, comp)
                         written.update(a.pop("written"))
                         hot = a["loops"][a["hot_loop"]] if a["hot_loop"] is not None else None
                         row["arch"][f"sm_{arch}"] = {
+                            "config": config_a, "grid": list(launch_a.grid), "programs": launch_a.programs,
+                            "scalars": runtime_scalars(launch_a),
                             "reg": comp["reg"], "spill": comp["spill"], "shared": comp["shared"],
                             "num_warps": comp["num_warps"], "num_stages": comp["num_stages"],
                             "occupancy": comp["occupancy"], "divisible_by_16": comp["divisible_by_16"],
@@ -1555,11 +1570,12 @@ def run_model(shapes: list[Shape] | None = None, gpus: tuple[str, ...] = ("H100"
                         }
                         for g in gpus:
                             if GPUS[g].arch == arch:
-                                row["gpu"][g] = predict(a, comp, launch.programs, GPUS[g], flops, _precision(label))
+                                row["gpu"][g] = predict(a, comp, launch_a.programs, GPUS[g], flops, _precision(label))
                                 op_total[g] += row["gpu"][g]["predicted_us"]
                     rows.append(row)
                 torch_us = {g: sum(o.bytes / (GPUS[g].hbm_efficiency * GPUS[g].hbm_GBps * 1e3) + GPUS[g].launch_us
-                                   for o in torch_ops) for g in gpus}
+                                   for o in captured[GPUS[g].arch][1]) for g in gpus}
+                torch_ops = captured[primary][1]
                 op_bytes = op_min_bytes(op_args, op_out, written)
                 op_rows.append(op_summary(spec, shape, label, rows[-len(launches):] if launches else [], torch_ops,
                                           torch_us, op_total, gpus, op_bytes))
@@ -1678,7 +1694,9 @@ def _unique_launches(result: dict, shape: str, arch: str) -> list[tuple[dict, li
     for r in result["rows"]:
         if r["shape"] != shape:
             continue
-        key = (r["kernel"], r["config"], tuple(r["grid"]), json.dumps(r["scalars"], sort_keys=True))
+        a = r["arch"].get(arch, r)
+        key = (r["kernel"], a.get("config", r["config"]), tuple(a.get("grid", r["grid"])),
+               json.dumps(a.get("scalars", r["scalars"]), sort_keys=True))
         groups.setdefault(key, []).append(r)
     out = []
     for rows in groups.values():
@@ -1747,6 +1765,11 @@ def to_markdown(result: dict, gpu: str = PRIMARY_GPU) -> str:
         lines += ["", f"{len(result['configs_not_launched'])} configurations in the modules' `CONFIGS` are not "
                   "picked at these shapes (other Ds or dtypes) and not modelled: "
                   + ", ".join(f"`{_short_config(c)}`" for c in result["configs_not_launched"]) + "."]
+    differ = sorted({f"{sm}: `{_short_config(r['config'])}` → `{_short_config(a['config'])}`"
+                     for r in result["rows"] for sm, a in r["arch"].items() if a.get("config", r["config"]) != r["config"]})
+    if differ:
+        lines += ["", "The launchers pick by compute capability; the other architectures' columns are their own "
+                  "configurations where they differ: " + "; ".join(differ) + "."]
     notes = sorted({n for r in result["rows"] for a in r["arch"].values() for n in a["notes"]})
     if notes:
         lines += ["", "Notes: " + "; ".join(notes) + "."]

@@ -180,9 +180,14 @@ def problems(row: dict) -> list[str]:
     return out
 
 
+def compiled_for(cfg, arch: int) -> bool:
+    """Whether ``cfg`` runs on ``arch``: a config with an ``arch`` field other than 0 is picked only there."""
+    return getattr(cfg, "arch", 0) in (0, arch)
+
+
 def collect(archs: list[int], jobs: int) -> list[dict]:
     configs = kernel_configs()
-    work = [(name, i, arch) for arch in archs for i, (name, _) in enumerate(configs)]
+    work = [(name, i, arch) for arch in archs for i, (name, cfg) in enumerate(configs) if compiled_for(cfg, arch)]
     if jobs <= 1:
         return [compile_one(w) for w in work]
     with ProcessPoolExecutor(max_workers=jobs) as pool:

@@ -16,6 +16,7 @@ elements (CUDA only).
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 
 import pytest
@@ -94,12 +95,15 @@ def test_pick_config_only_returns_precompiled_configs():
             for precision in KC.PRECISIONS:
                 for fused in (False, True):
                     assert pq_assign_mod.pick_config(dtype, Ds, precision, fused) in pq_assign_mod.CONFIGS
-                    for K in (1, 5, 63, 64, 65, 100, 256, 257, 512, 1000, 1024, 1025, 4096):
-                        for metric in ("l2", "dot"):
-                            cfg = pq_assign_mod.pick_config(dtype, Ds, precision, fused, K=K, metric=metric)
-                            assert cfg in pq_assign_mod.CONFIGS, cfg
-                            if cfg.kernel == "tc":  # the resident kernel holds every codeword
-                                assert K <= cfg.NG * cfg.BLOCK_K and Ds <= cfg.BLOCK_D
+                    for K, metric, arch in itertools.product(
+                        (1, 5, 63, 64, 65, 100, 256, 257, 512, 1000, 1024, 1025, 4096), ("l2", "dot"), (80, 86, 90, 100)
+                    ):
+                        cfg = pq_assign_mod.pick_config(dtype, Ds, precision, fused, K=K, metric=metric, arch=arch)
+                        assert cfg in pq_assign_mod.CONFIGS, cfg
+                        # an architecture-specific config only where it was compiled (sm_86 runs sm_80's)
+                        assert cfg.arch in (0, 90 if arch >= 90 else 80), (arch, cfg)
+                        if cfg.kernel == "tc":  # the resident kernel holds every codeword
+                            assert K <= cfg.NG * cfg.BLOCK_K and Ds <= cfg.BLOCK_D
             assert pq_segment_sum_mod.pick_config(dtype, Ds) in pq_segment_sum_mod.CONFIGS
             # pq_cluster_stats runs the segment-sum kernel: its CONFIGS are that module's.
             assert pq_segment_sum_mod.pick_config(dtype, Ds) in pq_cluster_stats_mod.CONFIGS
@@ -407,9 +411,16 @@ def _assign_debug(x, cb, metric, precision="exact", recheck=True):
     return codes.cpu(), min_dist.cpu(), dbg["flagged"], dbg["config"]
 
 
+@pytest.fixture(params=[90, 80], ids=lambda a: f"sm{a}")
+def tc_arch(request, monkeypatch):
+    """Run the test with the tensor-core classes of sm_90 and of sm_80 (the interpreter picks as on that GPU)."""
+    monkeypatch.setattr(KC, "_INTERPRETER_ARCH", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("metric", ["dot", "l2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_tensor_core_ties_are_rechecked_to_the_lowest_index(metric, dtype):
+def test_tensor_core_ties_are_rechecked_to_the_lowest_index(metric, dtype, tc_arch):
     """Bit-identical codewords 5 and 13 share a packed-key position (a = 0 and 1 of the 8-wide thread-local
     axis), so the tensor-core pass alone, comparing packed keys of a negative distance, keeps 13; every
     row must be flagged, and the FMA recheck must return 5 (the lowest index), like the reference."""
@@ -421,13 +432,34 @@ def test_tensor_core_ties_are_rechecked_to_the_lowest_index(metric, dtype):
     x, cb = x.to(dtype), cb.to(dtype)
     assert torch.all(R.pq_assign_ref(x, cb, metric)[0] == 5)
     codes, _, flagged, cfg = _assign_debug(x, cb, metric, recheck=False)
-    assert cfg.kernel == "tc" and flagged == 0
+    assert cfg.kernel == "tc" and flagged == 0 and cfg.arch in (0, tc_arch)
     assert torch.all(codes == 13), codes  # the tensor-core pass alone: wrong at exact ties
     codes, min_dist, flagged, _ = _assign_debug(x, cb, metric)
     assert flagged == N * M and torch.all(codes == 5), codes
     ref_codes, ref_dist = R.pq_assign_ref(x, cb, metric)
     assert torch.equal(codes, ref_codes)
     torch.testing.assert_close(min_dist, ref_dist, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["dot", "l2"])
+def test_streamed_class_with_padded_groups_meets_the_contract(metric, tc_arch):
+    """K = 300: the K ≤ 1024 class (streamed codebook pieces, fp32 bias add), five groups, the last one
+    mostly padding; a NaN codeword and a NaN row. Codes equal float64's on the unambiguous rows."""
+    N, M, K, Ds = 150, 2, 300, 32
+    g = gen(41)
+    cb = torch.randn(M, K, Ds, generator=g)
+    x = (cb[:, torch.randint(0, K, (N,), generator=g)].transpose(0, 1) + 0.3 * torch.randn(N, M, Ds, generator=g)).contiguous()
+    cb[1, 7, 3] = float("nan")
+    x[5, 0, 0] = float("nan")
+    codes, min_dist, flagged, cfg = _assign_debug(x, cb, metric)
+    assert cfg.kernel == "tc" and cfg.stream and cfg.NG * cfg.BLOCK_K >= K and cfg.arch in (0, tc_arch)
+    far = cb.clone()
+    far[1, 7] = 1e4 if metric == "l2" else 0.0  # the NaN codeword never wins: compare with one that cannot
+    exact, clear = unambiguous_rows(x, far, metric)
+    assert clear.sum() > N * M // 2
+    assert torch.equal(codes.long()[clear], exact[clear])
+    assert codes[5, 0] == 0 and torch.isnan(min_dist[5, 0]) and not torch.any(codes[:, 1] == 7)
+    assert_assign_contract(x, cb, metric, codes, min_dist, backend="triton")
 
 
 def _tf32(v: torch.Tensor) -> torch.Tensor:
@@ -438,7 +470,7 @@ def _tf32(v: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("metric", ["dot", "l2"])
-def test_exact_default_equals_float64_on_near_ties_that_tf32_gets_wrong(metric):
+def test_exact_default_equals_float64_on_near_ties_that_tf32_gets_wrong(metric, tc_arch):
     """Pairs of codewords 2e-3 apart and rows around their bisector: fp32-unambiguous rows (every backend
     must return the float64 argmin there) whose gap is below TF32 rounding. One TF32 product (inputs
     rounded to tf32, emulated in float64) picks the wrong codeword on some of them; the exact default
@@ -464,24 +496,32 @@ def test_exact_default_equals_float64_on_near_ties_that_tf32_gets_wrong(metric):
 
 def _emulated_split_keys(x, cb, metric, A):
     """float32 emulation of the tensor-core pass of the fp32 "exact" kernel for every (row, codeword):
-    RN bf16 pieces of x and −2c, the three products summed left to right in fp32 (one valid order), the
-    l2 bias added in fp32 and the low log2(A) bits replaced by the thread-local position."""
+    bf16 pieces of x (high piece truncated) and −2c (RN); with l2 first the three bf16 pieces of fl(||c||²) (the first truncated,
+    kernels/pq_assign.py: _split3), then the three products, summed left to right in fp32 (one valid
+    order); the low log2(A) bits replaced by the thread-local position."""
     def rn(v):
         b = v.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
         b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
         return b.to(torch.int32).view(torch.float32)
 
+    def trunc(v):
+        return (v.contiguous().view(torch.int32) & -65536).view(torch.float32)
+
     c2 = -2.0 * cb.float()
-    xh, ch = rn(x.float()), rn(c2)
+    xh, ch = trunc(x.float()), rn(c2)  # x's high piece is truncated (kernels/pq_assign.py: _split_trunc)
     xl, cl = rn(x.float() - xh), rn(c2 - ch)
-    terms = torch.cat(
-        [xh.unsqueeze(2) * ch.unsqueeze(0), xh.unsqueeze(2) * cl.unsqueeze(0), xl.unsqueeze(2) * ch.unsqueeze(0)], -1
-    )  # [N, M, K, 3·Ds] exact products
+    terms = [xh.unsqueeze(2) * ch.unsqueeze(0), xh.unsqueeze(2) * cl.unsqueeze(0), xl.unsqueeze(2) * ch.unsqueeze(0)]
+    if metric == "l2":
+        bias = (cb.float() ** 2).sum(-1)
+        p0 = trunc(bias)
+        p1 = rn(bias - p0)
+        p2 = rn(bias - p0 - p1)
+        shape = (x.shape[0],) + bias.shape + (1,)
+        terms = [p.unsqueeze(0).unsqueeze(-1).expand(shape) for p in (p0, p1, p2)] + terms
+    terms = torch.cat(terms, -1)  # [N, M, K, 3·Ds (+3)] exact products
     acc = torch.zeros(terms.shape[:-1])
     for i in range(terms.shape[-1]):  # sequential fp32 accumulation
         acc = acc + terms[..., i]
-    if metric == "l2":
-        acc = acc + (cb.float() ** 2).sum(-1).unsqueeze(0)
     k = torch.arange(cb.shape[1])
     a = (k % 64) // 8  # the position a of codeword k in its 64-codeword group (column = 8a + b)
     bits = acc.view(torch.int32)
@@ -538,7 +578,7 @@ def test_fused_statistics_come_from_the_assign_epilogue(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_tensor_core_recheck_keeps_valid_codewords_above_2_127(dtype):
+def test_tensor_core_recheck_keeps_valid_codewords_above_2_127(dtype, tc_arch):
     """Valid codewords with ||c||² in (2^127, fp32 max) are not the kernel's invalid marker (2^127 in the
     keys' bias row): their keys are flagged and the FMA recheck (its own bias row, +inf only for invalid
     codewords) returns the reference's code and a finite min_dist."""
