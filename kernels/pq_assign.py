@@ -9,10 +9,13 @@ never win, invalid rows → code 0 and ``min_dist`` NaN):
     ``‖c‖²``, the codeword-validity mask and ``max ‖c‖`` once, and hands the groups to ``tl.dot`` as
     loop-invariant operands, which the compiler keeps resident in shared memory for the whole program
     (the ``local_alloc`` is hoisted out of the row loop), so x is read once from HBM and the codebook
-    once per program. Per row tile each group costs one tensor-core product (bfloat16 inputs) or three
+    once per program. (The ``stream`` classes — K ≤ 1024 on sm_90, every fp32 class on sm_80 — instead
+    write the codebook's pieces to a per-program scratch in the prologue and load each group per row
+    tile, software-pipelined, from L2: no registers or shared memory per group, at the cost of L2
+    traffic.) Per row tile each group costs one tensor-core product (bfloat16 inputs) or three
     (float32: ``x·c ≈ xh·ch + xh·cl + xl·ch`` with x and c split into two bfloat16 pieces each), plus,
-    for l2, one small product that adds ``‖c‖²`` (its three bfloat16 pieces times a column of ones), so
-    the accumulator holds the distances and a distance costs no add. Then, in the accumulator's own
+    for l2, one small product that adds ``‖c‖²`` (its three bfloat16 pieces times a column of ones; the
+    streamed classes add it in fp32), so the accumulator holds the distances. Then, in the accumulator's own
     register layout (``[BLOCK_N, A, 8]``: ``A = KG/8`` columns that one thread owns per row, 8 across a
     quad), a two-partition top-2 (:func:`_two_partition_top2`): P, by (a, thread), keeps the element-wise
     minimum over the groups (and over the thread's two columns); Q, by (group, column), the minimum over
@@ -103,14 +106,20 @@ def _split(v, EXACT_DOT: tl.constexpr):
 
 
 @triton.jit
+def _trunc_bf16(v):
+    """fp32 ``v`` truncated to bfloat16 precision (its low 16 bits cleared), as fp32: ``|v − t| < 2⁻⁷|v|``,
+    ``v − t`` exact, and never rounded up (no overflow to inf near the fp32 maximum)."""
+    return (v.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _split_trunc(v, EXACT_DOT: tl.constexpr):
-    """``v ≈ hi + lo`` with ``hi`` = ``v`` truncated to bfloat16 (a bit mask, exact: ``|v − hi| < 2⁻⁷|v|``)
-    and ``lo`` = RN_bf16(v − hi) (residual ≤ 2⁻¹⁶|v|). On GPU the bf16 ``hi`` is the upper half of each
-    fp32 (a byte permute per pair), where rounding takes a conversion and a shift per element."""
-    hi32 = (v.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    lo = v - hi32
+    """``v ≈ hi + lo`` with ``hi`` = :func:`_trunc_bf16` ``(v)`` and ``lo`` = RN_bf16(v − hi) (residual
+    ≤ 2⁻¹⁶|v|). On GPU the bf16 ``hi`` is the upper half of each fp32 (a byte permute per pair), where
+    rounding takes a conversion and a shift per element."""
+    lo = v - _trunc_bf16(v)
     if EXACT_DOT:
-        return hi32, _rn_bf16(lo)
+        return _trunc_bf16(v), _rn_bf16(lo)
     else:
         hi = (v.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         return _opaque(hi), _opaque(lo.to(tl.bfloat16))
@@ -119,9 +128,8 @@ def _split_trunc(v, EXACT_DOT: tl.constexpr):
 @triton.jit
 def _split3(v, EXACT_DOT: tl.constexpr):
     """``v ≈ p0 + p1 + p2`` in three bfloat16 pieces (fp32 values under the interpreter), relative error
-    < 2⁻²⁵. ``p0`` is ``v`` truncated to bfloat16 (rounding up could overflow to inf near the fp32
-    maximum), so ``v − p0`` is exact with ``|v − p0| < 2⁻⁷|v|``; ``p1``, ``p2`` round to nearest."""
-    p0 = (v.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    < 2⁻²⁵: ``p0`` = :func:`_trunc_bf16` ``(v)``, then :func:`_split` of the exact remainder."""
+    p0 = _trunc_bf16(v)
     p1, p2 = _split(v - p0, EXACT_DOT)
     if not EXACT_DOT:
         p0 = p0.to(tl.bfloat16)
@@ -246,8 +254,8 @@ def _group_dist(xh, xl, ct_hi, ct_lo, one, bt, bias_ptr, kk, BLOCK_N: tl.constex
 
     l2 adds ``||c||²``: with ``BIAS_MMA`` in the product itself (one more MMA of ``one [BLOCK_N, 16]``, ones
     in columns 0–2, with ``bt [16, KG]``, its three bfloat16 pieces in rows 0–2), so a distance costs no
-    add; else as an fp32 add of the bias row (``bias_ptr + kk``, an L1 hit), which needs no shared-memory
-    operand (the large class, whose registers cannot hold one more descriptor per group).
+    add; else as an fp32 add of the bias row (``bias_ptr + kk``, an L1 hit): the streamed classes, where
+    a streamed bias operand would move 8× the bias row's bytes through L2.
     float32 (SPLIT): ``d = [l2]||c||² + xh·ch + xh·cl + xl·ch`` with the pieces of x and of −2c;
     bfloat16: ``d = ||c||² + x·(−2c)`` (l2) or ``x·(−c)`` (dot)."""
     acc = tl.zeros([BLOCK_N, KG], dtype=tl.float32)
