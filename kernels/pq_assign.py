@@ -302,6 +302,15 @@ def _min_axis1(k, EXACT_DOT: tl.constexpr):
 
 
 @triton.jit
+def _fold_group(pg, q1, k3, qg):
+    """One more group into the partition state (:func:`_two_partition_top2`): ``k3`` its distances, ``qg``
+    their minimum over ``a`` with the group index packed. Returns P's and Q's new minima and
+    ``max(q1, qg)``, the loser, which is the caller's candidate for Q's second best."""
+    hi = tl.maximum(q1, qg, propagate_nan=tl.PropagateNan.ALL)
+    return _minnan(pg, _pair_min(k3)), _minnan(q1, qg), hi
+
+
+@triton.jit
 def _two_partition_top2(pg, q1, q2, aa, A: tl.constexpr, NG: tl.constexpr, KG: tl.constexpr, EXACT_DOT: tl.constexpr):
     """Per row: ``(best, second, index of best)`` of its distances, from two partitions of them.
 
@@ -678,10 +687,7 @@ def _assign_tc_kernel(
             for gr in range(1, n_groups):  # runtime loop: the pipeliner prefetches the next group's pieces
                 k3 = _group_dist(xh, xl, _streamed(cbs_hi, gr, kk, d, KG, BLOCK_D), _streamed(cbs_lo, gr, kk, d, KG, BLOCK_D),
                                  one, 0, bias_row + gr * KG, kk, BLOCK_N, KG, SPLIT, L2, BIAS_MMA, EXACT_DOT)
-                pg = _minnan(pg, _pair_min(k3))
-                qg = _pack(_min_axis1(k3, EXACT_DOT), gzero + gr, NG, EXACT_DOT)
-                hi = tl.maximum(q1, qg, propagate_nan=tl.PropagateNan.ALL)
-                q1 = _minnan(q1, qg)
+                pg, q1, hi = _fold_group(pg, q1, k3, _pack(_min_axis1(k3, EXACT_DOT), gzero + gr, NG, EXACT_DOT))
                 q2 = _minnan(q2, hi)
         else:
             for g in tl.static_range(1, NG):
@@ -690,10 +696,7 @@ def _assign_tc_kernel(
                 if g < n_groups:
                     k3 = _group_dist(xh, xl, cts[g], ctl[g], one, bts[g], bias_row + g * KG, kk, BLOCK_N, KG, SPLIT, L2,
                                      BIAS_MMA, EXACT_DOT)
-                    pg = _minnan(pg, _pair_min(k3))
-                    qg = _pack_const(_min_axis1(k3, EXACT_DOT), g, gmask, NG, EXACT_DOT)
-                    hi = tl.maximum(q1, qg, propagate_nan=tl.PropagateNan.ALL)
-                    q1 = _minnan(q1, qg)
+                    pg, q1, hi = _fold_group(pg, q1, k3, _pack_const(_min_axis1(k3, EXACT_DOT), g, gmask, NG, EXACT_DOT))
                     if g == 1:
                         q2 = hi
                     else:
